@@ -1,0 +1,50 @@
+"""The `tunesmith` command: a table of subcommands, each one module with `add_arguments` and `run`.
+
+A `TunesmithError` (bad config, data, model or output directory) is printed as one or two lines and exits with
+status 2; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from tunesmith import __version__
+from tunesmith.errors import TunesmithError
+
+# name → (module holding add_arguments(parser) and run(args) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("tunesmith.train.command", "fine-tune a model: tunesmith train CONFIG.yaml [key=value ...]"),
+    "chat": ("tunesmith.chat.command", "chat with a model or a trained adapter, streaming the reply"),
+    "version": ("tunesmith.version_command", "print the versions of tunesmith and the libraries it uses"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune large language models.")
+    parser.add_argument("--version", action="version", version=f"tunesmith {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(subparser)
+        subparser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except TunesmithError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""YAML file + `key=value` overrides → a validated `RunConfig`.
+
+Keys may be flat (LLaMA-Factory style, `learning_rate: 1e-4`), nested under their section (`train: {learning_rate:
+1e-4}`), or dotted on the command line (`train.learning_rate=1e-4`). Keys from other tools' tutorials are renamed
+by `ALIASES`. An override wins over the file. Nothing here touches a model or a dataset.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from tunesmith.config.sections import SECTIONS, RunConfig
+from tunesmith.errors import ConfigError
+
+# Keys other tools use for the same setting (Alpaca-LoRA's finetune.py flags, torchtune-style short names).
+ALIASES: dict[str, str] = {
+    "base_model": "model_name_or_path",
+    "data_path": "dataset",
+    "micro_batch_size": "per_device_train_batch_size",
+    "num_epochs": "num_train_epochs",
+    "epochs": "num_train_epochs",
+    "lr": "learning_rate",
+    "lora_r": "lora_rank",
+    "lora_target_modules": "lora_target",
+    "val_set_size": "val_size",
+    "train_on_inputs": "train_on_prompt",
+    "prompt_template_name": "template",
+    "max_seq_len": "cutoff_len",
+    "evaluation_strategy": "eval_strategy",
+}
+
+# Keys that change nothing in tunesmith but appear in copied files; accepted and dropped with a notice.
+IGNORED_KEYS: dict[str, str] = {
+    "group_by_length": "transformers 5 removed it",
+    "save_safetensors": "tunesmith always saves safetensors",
+    "no_cuda": "tunesmith picks the device itself",
+}
+
+KEY_TO_SECTION: dict[str, str] = {key: section for section, model in SECTIONS.items() for key in model.model_fields}
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    """`["lr=1e-4", "name=Tunesmith"]` → `{"lr": 0.0001, "name": "Tunesmith"}`; values are read as YAML scalars."""
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r} is not of the form key=value (for example learning_rate=1e-4)")
+        parsed[key.strip().lstrip("-")] = _yaml_scalar(raw)
+    return parsed
+
+
+def _yaml_scalar(raw: str) -> Any:
+    """`1e-4` → 0.0001, `true` → True, `[a, b]` → a list; anything YAML reads as a mapping stays a string."""
+    if not raw.strip():
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if isinstance(value, dict) else value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {path} must hold `key: value` lines, found a {type(content).__name__}")
+    return content
+
+
+def flatten(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested sections and dotted keys → flat keys; aliases renamed. Unknown keys stay, to be reported."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key in SECTIONS and isinstance(value, Mapping):
+            for inner_key, inner_value in value.items():
+                flat[_canonical(str(inner_key), section=key)] = inner_value
+            continue
+        section, dot, inner_key = key.partition(".")
+        if dot and section in SECTIONS:
+            flat[_canonical(inner_key, section=section)] = value
+        else:
+            flat[_canonical(key)] = value
+    return flat
+
+
+def _canonical(key: str, section: str | None = None) -> str:
+    key = ALIASES.get(key, key)
+    if section is not None and KEY_TO_SECTION.get(key, section) != section:
+        raise ConfigError(f"`{section}.{key}`: {key} belongs to section `{KEY_TO_SECTION[key]}`, not `{section}`")
+    return key
+
+
+def suggest(key: str) -> str:
+    candidates = difflib.get_close_matches(key, [*KEY_TO_SECTION, *ALIASES], n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(candidates)}?" if candidates else "; `tunesmith train --help-keys` lists every key"
+
+
+def build_config(values: Mapping[str, Any]) -> RunConfig:
+    """Flat values → RunConfig, with every error naming the key, the bad value and what would be valid."""
+    by_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        if key in IGNORED_KEYS:
+            print(f"note: ignoring `{key}` ({IGNORED_KEYS[key]})")
+            continue
+        if key not in KEY_TO_SECTION:
+            raise ConfigError(f"unknown config key `{key}`{suggest(key)}")
+        by_section[KEY_TO_SECTION[key]][key] = value
+    try:
+        return RunConfig(**by_section)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        location = [str(part) for part in problem["loc"] if not str(part).isdigit()]
+        key = location[-1] if len(location) > 1 else (location[0] if location else "config")
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "literal_error":
+            message = "expected " + message.removeprefix("Input should be ")
+        if "input" in problem and not isinstance(problem["input"], dict) and key in KEY_TO_SECTION:
+            lines.append(f"`{key}`: got {problem['input']!r}; {message}")
+        else:
+            lines.append(f"{'`' + key + '`: ' if key in KEY_TO_SECTION else ''}{message}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a YAML file (optional) and apply `key=value` overrides on top."""
+    values = flatten(read_yaml(path)) if path is not None else {}
+    values.update(flatten(parse_overrides(overrides)))
+    return build_config(values)
+
+
+def config_to_flat_dict(config: RunConfig) -> dict[str, Any]:
+    """The resolved config as flat LLaMA-Factory-style keys, for saving beside outputs and printing at start."""
+    return {key: value for section in SECTIONS for key, value in getattr(config, section).model_dump().items()}
