@@ -8,6 +8,7 @@ by `ALIASES`. An override wins over the file. Nothing here touches a model or a 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ IGNORED_KEYS: dict[str, str] = {
     "no_cuda": "tunesmith picks the device itself",
 }
 
+NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
 KEY_TO_SECTION: dict[str, str] = {key: section for section, model in SECTIONS.items() for key in model.model_fields}
 
 
@@ -64,6 +67,8 @@ def _yaml_scalar(raw: str) -> Any:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    if isinstance(value, str) and NUMBER.match(value):  # YAML 1.1 reads 1e-4 as a string
+        return float(value)
     return raw if isinstance(value, dict) else value
 
 
@@ -108,7 +113,9 @@ def _canonical(key: str, section: str | None = None) -> str:
 
 def suggest(key: str) -> str:
     candidates = difflib.get_close_matches(key, [*KEY_TO_SECTION, *ALIASES], n=3, cutoff=0.6)
-    return f"; did you mean {', '.join(candidates)}?" if candidates else "; `tunesmith train --help-keys` lists every key"
+    return (
+        f"; did you mean {', '.join(candidates)}?" if candidates else "; `tunesmith train --help-keys` lists every key"
+    )
 
 
 def build_config(values: Mapping[str, Any]) -> RunConfig:

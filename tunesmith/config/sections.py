@@ -47,7 +47,9 @@ class ModelSection(Section):
         description="A local Hugging Face model directory, a .gguf file, a hub id, or the alias smollm2-135m-instruct.",
     )
     adapter_name_or_path: str | None = Field(None, description="A LoRA adapter directory to load on top of the model.")
-    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model. Only for models you trust.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model. Only for models you trust."
+    )
     cache_dir: str | None = Field(None, description="Where converted models are cached (default ~/.cache/tunesmith).")
     quantization_bit: int | None = planned(None, "4/8-bit QLoRA is on the roadmap")
     quantization_method: str = planned("bitsandbytes", "quantized training is on the roadmap")
@@ -60,11 +62,13 @@ class ModelSection(Section):
 class DataSection(Section):
     dataset: list[str] = Field(
         default_factory=list,
-        description="Dataset names from dataset_dir/dataset_info.json, or paths to .json/.jsonl files; comma-separated.",
+        description="Names from dataset_dir/dataset_info.json, or paths to .json/.jsonl files; comma-separated.",
     )
     eval_dataset: list[str] = planned([], "separate eval datasets are on the roadmap; use val_size")
     dataset_dir: str = Field("data", description="Folder holding dataset_info.json and the dataset files.")
-    template: str | None = Field(None, description="A named prompt template; default: the tokenizer's own chat template.")
+    template: str | None = Field(
+        None, description="A named prompt template; default: the tokenizer's own chat template."
+    )
     cutoff_len: int = Field(2048, gt=0, description="Longest tokenized example; longer ones are truncated.")
     max_samples: int | None = Field(None, gt=0, description="Use at most this many rows of each dataset.")
     val_size: float = Field(0.0, ge=0, description="Rows held out for eval loss: a fraction (< 1) or a count.")
@@ -154,15 +158,21 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
     num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (overrides num_train_epochs); -1: off.")
+    max_steps: int = Field(
+        -1, description="Stop after this many optimizer steps (overrides num_train_epochs); -1: off."
+    )
     lr_scheduler_type: LrScheduler = Field("linear", description="Learning-rate schedule.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up as a fraction of all steps (wins over warmup_steps).")
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Warm-up as a fraction of all steps (wins over warmup_steps)."
+    )
     optim: Literal["adamw_torch", "adamw_torch_fused", "sgd", "adafactor"] = Field(
         "adamw_torch", description="Optimizer."
     )
     seed: int = Field(42, description="Seed for shuffling, initialisation and dropout.")
-    bf16: bool = Field(False, description="Train in bfloat16 mixed precision (chosen automatically on a GPU that has it).")
+    bf16: bool = Field(
+        False, description="Train in bfloat16 mixed precision (chosen automatically on a GPU that has it)."
+    )
     fp16: bool = Field(False, description="Train in float16 mixed precision.")
     logging_steps: int = Field(10, gt=0, description="Log loss, learning rate and tokens/s every N steps.")
     eval_strategy: Literal["no", "steps", "epoch"] | None = Field(

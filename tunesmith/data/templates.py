@@ -41,9 +41,7 @@ class NamedTemplate:
         user = _render(self.user, "message['content']")
         if self.system_in_first_user:
             user_with_system = _render(self.user, f"({_system_expr(self.system)} + message['content'])")
-            user = (
-                f"{{%- if loop.first and system_text -%}}{user_with_system}{{%- else -%}}{user}{{%- endif -%}}"
-            )
+            user = f"{{%- if loop.first and system_text -%}}{user_with_system}{{%- else -%}}{user}{{%- endif -%}}"
         assistant = _render(self.assistant, "message['content']")
         parts.append(
             "{%- for message in messages if message['role'] != 'system' -%}"
@@ -116,6 +114,13 @@ TEMPLATES: dict[str, NamedTemplate] = {
             assistant="{content}<|im_end|>\n",
             system="<|im_start|>system\n{content}<|im_end|>\n",
             default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+            stop_words=("<|im_end|>",),
+        ),
+        NamedTemplate(
+            name="qwen3_nothink",
+            user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+            assistant="{content}<|im_end|>\n",
+            system="<|im_start|>system\n{content}<|im_end|>\n",
             stop_words=("<|im_end|>",),
         ),
         NamedTemplate(

@@ -67,7 +67,9 @@ def apply_freeze(
         extra = layer is None and any(f".{module}." in f".{name}" for module in extra_modules)
         parameter.requires_grad_((in_layer and module_ok) or extra)
         matched_modules.update(module for module in [*trainable_modules, *extra_modules] if f".{module}." in f".{name}")
-    missing = [module for module in [*trainable_modules, *extra_modules] if module != "all" and module not in matched_modules]
+    missing = [
+        module for module in [*trainable_modules, *extra_modules] if module != "all" and module not in matched_modules
+    ]
     if missing:
         raise ConfigError(f"freeze modules {', '.join(missing)} match no parameter of this model")
     for parameter in model.parameters():

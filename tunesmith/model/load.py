@@ -22,13 +22,19 @@ class Precision:
 def choose_precision(bf16: bool, fp16: bool) -> Precision:
     if not torch.cuda.is_available():
         asked = "bf16" if bf16 else "fp16" if fp16 else None
-        note = f"{asked}: true needs a GPU; this machine has none, so training runs in float32 on the CPU" if asked else None
+        note = (
+            f"{asked}: true needs a GPU; this machine has none, so training runs in float32 on the CPU"
+            if asked
+            else None
+        )
         return Precision(torch.float32, bf16=False, fp16=False, note=note)
     if fp16:
         return Precision(torch.float32, bf16=False, fp16=True)
     if torch.cuda.is_bf16_supported():
         return Precision(torch.bfloat16, bf16=True, fp16=False)
-    return Precision(torch.float32, bf16=False, fp16=True, note="this GPU has no bfloat16, so fp16 mixed precision is used")
+    return Precision(
+        torch.float32, bf16=False, fp16=True, note="this GPU has no bfloat16, so fp16 mixed precision is used"
+    )
 
 
 def load_tokenizer(model_dir: str, trust_remote_code: bool = False):

@@ -1,0 +1,253 @@
+"""`tunesmith train` on a tiny random Llama: outputs, reload, resume, refusals. Seconds each."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+from tunesmith.cli import main
+
+
+def train(tmp_path: Path, model: Path, data: Path, *overrides: str, output: str = "out") -> Path:
+    output_dir = tmp_path / output
+    args = [
+        f"model_name_or_path={model}",
+        f"dataset_dir={data}",
+        "dataset=identity",
+        "name=Tunesmith",
+        "author=the tunesmith team",
+        f"output_dir={output_dir}",
+        "per_device_train_batch_size=2",
+        "max_steps=4",
+        "logging_steps=1",
+        "learning_rate=1e-2",
+        "cutoff_len=128",
+        "max_samples=16",
+        *overrides,
+    ]
+    assert main(["train", *args]) == 0
+    return output_dir
+
+
+def lora_logits(model_dir: Path, adapter_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        return PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids).logits
+
+
+def test_lora_run_writes_everything_a_person_needs(tmp_path, tiny_model_dir, identity_data):
+    output = train(tmp_path, tiny_model_dir, identity_data, "val_size=4", "save_steps=2", "eval_steps=2")
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "tunesmith_config.yaml",
+        "metrics.jsonl",
+        "training_loss.png",
+        "checkpoint-2",
+        "checkpoint-4",
+    ):
+        assert (output / name).exists(), name
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["tokens_per_second"] > 0 for r in records if "loss" in r)
+    assert any("eval_loss" in r for r in records)
+    config = json.loads((output / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
+    assert any(
+        name.endswith("lora_B.weight") and tensor.abs().sum() > 0
+        for name, tensor in load_file(output / "adapter_model.safetensors").items()
+    )
+
+
+def test_saved_adapter_reloads_in_plain_peft_with_the_same_logits(tmp_path, tiny_model_dir, identity_data):
+    from tunesmith.config import load_config
+    from tunesmith.train.sft import run_sft
+
+    output_dir = tmp_path / "out"
+    config = load_config(
+        None,
+        [
+            f"model_name_or_path={tiny_model_dir}",
+            f"dataset_dir={identity_data}",
+            "dataset=identity",
+            "name=T",
+            "author=A",
+            f"output_dir={output_dir}",
+            "max_steps=3",
+            "learning_rate=1e-2",
+            "max_samples=8",
+        ],
+    )
+    import tunesmith.train.sft as sft
+
+    kept = {}
+    original = sft.save_outputs
+
+    def keep_trainer(trainer, *args, **kwargs):
+        kept["model"] = trainer.model
+        return original(trainer, *args, **kwargs)
+
+    sft.save_outputs = keep_trainer
+    try:
+        run_sft(config)
+    finally:
+        sft.save_outputs = original
+    input_ids = torch.tensor([[1, 520, 9531, 198, 4093, 359, 346, 47]])
+    with torch.no_grad():
+        in_memory = kept["model"].eval()(input_ids).logits
+    reloaded = lora_logits(tiny_model_dir, output_dir, input_ids)
+    assert (in_memory - reloaded).abs().max().item() <= 1e-5
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_model_dir, identity_data):
+    settings = ("max_steps=6", "save_steps=3", "lora_dropout=0.1", "lr_scheduler_type=cosine", "warmup_steps=2")
+    straight = train(tmp_path, tiny_model_dir, identity_data, *settings, output="straight")
+
+    interrupted = tmp_path / "resumed"
+    interrupted.mkdir()
+    shutil.copytree(straight / "checkpoint-3", interrupted / "checkpoint-3")
+    shutil.copy(straight / "tunesmith_run.json", interrupted)
+    train(tmp_path, tiny_model_dir, identity_data, *settings, "resume_from_checkpoint=true", output="resumed")
+
+    expected = load_file(straight / "adapter_model.safetensors")
+    resumed = load_file(interrupted / "adapter_model.safetensors")
+    assert expected.keys() == resumed.keys()
+    assert max((expected[k] - resumed[k]).abs().max().item() for k in expected) <= 1e-6
+    # and training changed the adapter after the checkpoint, so the comparison is not vacuous
+    at_step_3 = load_file(straight / "checkpoint-3" / "adapter_model.safetensors")
+    assert max((expected[k] - at_step_3[k]).abs().max().item() for k in expected) > 1e-4
+
+
+@pytest.mark.parametrize("method", ["full", "freeze"])
+def test_full_and_freeze_save_a_normal_model_directory(tmp_path, tiny_model_dir, identity_data, method):
+    from transformers import AutoModelForCausalLM
+
+    output = train(
+        tmp_path, tiny_model_dir, identity_data, f"finetuning_type={method}", "freeze_trainable_layers=1", "max_steps=2"
+    )
+    trained = AutoModelForCausalLM.from_pretrained(output)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = {
+        name for name, p in trained.named_parameters() if not torch.equal(p, dict(original.named_parameters())[name])
+    }
+    if method == "full":
+        assert any("layers.0." in name for name in changed)
+    else:  # only the last of the 2 layers trains
+        assert changed and all("layers.1." in name for name in changed)
+
+
+def test_output_dir_of_a_different_run_is_refused(tmp_path, tiny_model_dir, identity_data, capsys):
+    train(tmp_path, tiny_model_dir, identity_data, "max_steps=2", "save_steps=1")
+    code = main(
+        [
+            "train",
+            f"model_name_or_path={tiny_model_dir}",
+            f"dataset_dir={identity_data}",
+            "dataset=identity",
+            "name=T",
+            "author=A",
+            f"output_dir={tmp_path / 'out'}",
+            "lora_rank=16",
+            "resume_from_checkpoint=true",
+        ]
+    )
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "belongs to a different run (lora_rank: 8 there, 16 now)" in error
+    code = main(
+        [
+            "train",
+            f"model_name_or_path={tiny_model_dir}",
+            f"dataset_dir={identity_data}",
+            "dataset=identity",
+            "name=T",
+            "author=A",
+            f"output_dir={tmp_path / 'out'}",
+            "lora_rank=16",
+        ]
+    )
+    assert code == 2 and "holds a different run" in capsys.readouterr().err
+
+
+def test_lora_target_that_matches_nothing_lists_the_linear_layers(tmp_path, tiny_model_dir, identity_data, capsys):
+    code = main(
+        [
+            "train",
+            f"model_name_or_path={tiny_model_dir}",
+            f"dataset_dir={identity_data}",
+            "dataset=identity",
+            "name=T",
+            "author=A",
+            f"output_dir={tmp_path / 'out'}",
+            "lora_target=query_key_value",
+        ]
+    )
+    assert code == 2
+    assert "query_key_value matches no linear layer of this model; its linear layers are: down_proj, gate_proj" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("example", ["qwen3_lora_sft.yaml", "llama3_lora_sft.yaml"])
+def test_llamafactory_example_yaml_runs_unchanged(tmp_path, tiny_model_dir, identity_data, example):
+    """LLaMA-Factory's own example, with only the model path, dataset_dir and output_dir swapped (and few steps)."""
+    model = tiny_model_dir
+    if example.startswith("llama3"):  # its template needs Llama 3's header tokens: give the tiny model those
+        model = llama3_style_tiny_model(tmp_path, tiny_model_dir)
+    config = REPO / "tests" / "fixtures" / "llamafactory" / example
+    code = main(
+        [
+            "train",
+            str(config),
+            f"model_name_or_path={model}",
+            f"dataset_dir={identity_data}",
+            f"output_dir={tmp_path / 'out'}",
+            "max_steps=2",
+            "max_samples=8",
+            "name=Tunesmith",
+            "author=the tunesmith team",
+        ]
+    )
+    assert code == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def llama3_style_tiny_model(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                "<|begin_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+                "<|eom_id|>",
+            ]
+        }
+    )
+    tokenizer.bos_token = "<|begin_of_text|>"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    target = tmp_path / "tiny-llama3"
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target

@@ -1,0 +1,50 @@
+"""`tunesmith train CONFIG.yaml [key=value ...]`: validate the config, then run the recipe for its stage."""
+
+from __future__ import annotations
+
+import argparse
+
+from tunesmith.config import config_to_flat_dict, load_config
+from tunesmith.config.sections import SECTIONS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config file (LLaMA-Factory keys work as they are)")
+    parser.add_argument("overrides", nargs="*", help="key=value settings that win over the file, e.g. name=Tunesmith")
+    parser.add_argument("--help-keys", action="store_true", help="list every config key with its default and meaning")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.help_keys:
+        print_keys()
+        return 0
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path:  # no file, only overrides
+        config_path, overrides = None, [config_path, *overrides]
+    config = load_config(config_path, overrides)
+    print_config(config)
+    if args.print_config:
+        return 0
+
+    from tunesmith.train.sft import run_sft
+
+    result = run_sft(config)
+    return 130 if result.interrupted else 0
+
+
+def print_config(config) -> None:
+    values = config_to_flat_dict(config)
+    defaults = config_to_flat_dict(type(config).model_validate({"data": {"dataset": ["x"]}}))
+    changed = {key: value for key, value in values.items() if value != defaults.get(key) or key == "dataset"}
+    print("config: " + ", ".join(f"{key}={value}" for key, value in changed.items()))
+
+
+def print_keys() -> None:
+    for section_name, section in SECTIONS.items():
+        print(f"[{section_name}]")
+        for key, field in section.model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            meaning = f"(not supported yet) {extra['planned']}" if "planned" in extra else field.description or ""
+            default = field.default_factory() if field.default_factory else field.default
+            print(f"  {key} = {default!r}  {meaning}")
