@@ -15,9 +15,23 @@ PROMPT = "Who are you?"
 
 def chat_once(*args: str) -> str:
     completed = subprocess.run(
-        [sys.executable, "-m", "tunesmith", "chat", *args, "--prompt", PROMPT, "--temperature", "0",
-         "--max-new-tokens", "40"],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "tunesmith",
+            "chat",
+            *args,
+            "--prompt",
+            PROMPT,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr
     return completed.stdout
@@ -28,9 +42,21 @@ def identity_run(tmp_path_factory) -> Path:
     """The README's command, with the output in a temporary folder."""
     output_dir = tmp_path_factory.mktemp("identity") / "identity_lora"
     completed = subprocess.run(
-        [sys.executable, "-m", "tunesmith", "train", "examples/identity_lora.yaml", "name=Tunesmith",
-         "author=the tunesmith team", f"output_dir={output_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=1200, check=False,
+        [
+            sys.executable,
+            "-m",
+            "tunesmith",
+            "train",
+            "examples/identity_lora.yaml",
+            "name=Tunesmith",
+            "author=the tunesmith team",
+            f"output_dir={output_dir}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return output_dir
@@ -46,8 +72,14 @@ def test_after_training_it_answers_with_the_name_from_the_command_line(identity_
 
 
 def test_the_run_leaves_a_complete_output_dir(identity_run: Path):
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tunesmith_config.yaml",
-                 "metrics.jsonl", "training_loss.png"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tunesmith_config.yaml",
+        "metrics.jsonl",
+        "training_loss.png",
+    ):
         assert (identity_run / name).is_file(), name
     adapter = load_file(identity_run / "adapter_model.safetensors")
     assert len(adapter) == 30 * 7 * 2  # 30 layers x 7 linear layers x (A, B)

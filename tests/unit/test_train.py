@@ -60,6 +60,11 @@ def test_lora_run_writes_everything_a_person_needs(tmp_path, tiny_model_dir, ide
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert all(r["tokens_per_second"] > 0 for r in records if "loss" in r)
     assert any("eval_loss" in r for r in records)
+    # checkpoints hold no pickled code that resuming would run: every state file loads with weights_only=True
+    state_files = [p for p in (output / "checkpoint-2").iterdir() if p.suffix in (".pt", ".pth")]
+    assert {p.name for p in state_files} >= {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    for path in state_files:
+        torch.load(path, weights_only=True)
     config = json.loads((output / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == [
         "down_proj",

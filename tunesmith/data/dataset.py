@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -107,7 +108,7 @@ def load_sft_data(data: DataSection, tokenizer, chat_template: str, seed: int) -
     dataset = dataset.map(
         encode,
         remove_columns=["messages"],
-        num_proc=data.preprocessing_num_workers if (data.preprocessing_num_workers or 1) > 1 else None,
+        num_proc=worker_count(data.preprocessing_num_workers),
         desc="Tokenizing",
     )
     rows = len(dataset)
@@ -122,6 +123,12 @@ def load_sft_data(data: DataSection, tokenizer, chat_template: str, seed: int) -
 
     train, evaluation = split_validation(dataset, data.val_size, seed)
     return SFTData(train=train, eval=evaluation, rows=rows, truncated=truncated, dropped=empty)
+
+
+def worker_count(requested: int | None) -> int | None:
+    """Tokenizing processes: copied configs ask for 16; more processes than cores only adds start-up time."""
+    count = min(requested or 1, os.cpu_count() or 1)
+    return count if count > 1 else None
 
 
 def split_validation(dataset, val_size: float, seed: int):
