@@ -256,3 +256,56 @@ def llama3_style_tiny_model(tmp_path: Path, tiny_model_dir: Path) -> Path:
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, identity_data):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output = tmp_path / "out"
+    args = [
+        sys.executable,
+        "-m",
+        "tunesmith",
+        "train",
+        f"model_name_or_path={tiny_model_dir}",
+        f"dataset_dir={identity_data}",
+        "dataset=identity",
+        "name=T",
+        "author=A",
+        f"output_dir={output}",
+        "max_steps=100000",
+        "logging_steps=1",
+        "save_steps=100000",
+        "max_samples=8",
+    ]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (output / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    log, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, log[-2000:]
+    checkpoints = list(output.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "optimizer.pt").is_file()
+    assert "Continue with resume_from_checkpoint=true" in log
+    assert not (output / "adapter_model.safetensors").exists()  # a partial run is not passed off as finished
+
+    step = int(checkpoints[0].name.split("-")[1])
+    assert (
+        main(
+            [
+                "train",
+                *args[4:-4],
+                "max_steps=" + str(step + 2),
+                "logging_steps=1",
+                "save_steps=100000",
+                "max_samples=8",
+                "resume_from_checkpoint=true",
+            ]
+        )
+        == 0
+    )
+    assert (output / "adapter_model.safetensors").is_file()
