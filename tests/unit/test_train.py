@@ -12,15 +12,16 @@ from tests.conftest import REPO
 from tunesmith.cli import main
 
 
-def train(tmp_path: Path, model: Path, data: Path, *overrides: str, output: str = "out") -> Path:
-    output_dir = tmp_path / output
-    args = [
+def train_args(tmp_path: Path, model: Path, data: Path, *overrides: str, output: str = "out") -> list[str]:
+    """`tunesmith train` arguments for a short run on identity.json; later overrides win."""
+    return [
+        "train",
         f"model_name_or_path={model}",
         f"dataset_dir={data}",
         "dataset=identity",
         "name=Tunesmith",
         "author=the tunesmith team",
-        f"output_dir={output_dir}",
+        f"output_dir={tmp_path / output}",
         "per_device_train_batch_size=2",
         "max_steps=4",
         "logging_steps=1",
@@ -29,8 +30,11 @@ def train(tmp_path: Path, model: Path, data: Path, *overrides: str, output: str 
         "max_samples=16",
         *overrides,
     ]
-    assert main(["train", *args]) == 0
-    return output_dir
+
+
+def train(tmp_path: Path, model: Path, data: Path, *overrides: str, output: str = "out") -> Path:
+    assert main(train_args(tmp_path, model, data, *overrides, output=output)) == 0
+    return tmp_path / output
 
 
 def lora_logits(model_dir: Path, adapter_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
@@ -63,8 +67,11 @@ def test_lora_run_writes_everything_a_person_needs(tmp_path, tiny_model_dir, ide
     # checkpoints hold no pickled code that resuming would run: every state file loads with weights_only=True
     state_files = [p for p in (output / "checkpoint-2").iterdir() if p.suffix in (".pt", ".pth")]
     assert {p.name for p in state_files} >= {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
-    for path in state_files:
-        torch.load(path, weights_only=True)
+    from transformers.trainer_pt_utils import safe_globals  # the numpy RNG types Trainer itself allow-lists
+
+    with safe_globals():
+        for path in state_files:
+            torch.load(path, weights_only=True)
     config = json.loads((output / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == [
         "down_proj",
@@ -160,51 +167,15 @@ def test_full_and_freeze_save_a_normal_model_directory(tmp_path, tiny_model_dir,
 
 def test_output_dir_of_a_different_run_is_refused(tmp_path, tiny_model_dir, identity_data, capsys):
     train(tmp_path, tiny_model_dir, identity_data, "max_steps=2", "save_steps=1")
-    code = main(
-        [
-            "train",
-            f"model_name_or_path={tiny_model_dir}",
-            f"dataset_dir={identity_data}",
-            "dataset=identity",
-            "name=T",
-            "author=A",
-            f"output_dir={tmp_path / 'out'}",
-            "lora_rank=16",
-            "resume_from_checkpoint=true",
-        ]
-    )
-    assert code == 2
-    error = capsys.readouterr().err
-    assert "belongs to a different run (lora_rank: 8 there, 16 now)" in error
-    code = main(
-        [
-            "train",
-            f"model_name_or_path={tiny_model_dir}",
-            f"dataset_dir={identity_data}",
-            "dataset=identity",
-            "name=T",
-            "author=A",
-            f"output_dir={tmp_path / 'out'}",
-            "lora_rank=16",
-        ]
-    )
-    assert code == 2 and "holds a different run" in capsys.readouterr().err
+    other_shape = train_args(tmp_path, tiny_model_dir, identity_data, "lora_rank=16")
+    assert main([*other_shape, "resume_from_checkpoint=true"]) == 2
+    assert "belongs to a different run (lora_rank: 8 there, 16 now)" in capsys.readouterr().err
+    assert main(other_shape) == 2
+    assert "holds a different run" in capsys.readouterr().err
 
 
 def test_lora_target_that_matches_nothing_lists_the_linear_layers(tmp_path, tiny_model_dir, identity_data, capsys):
-    code = main(
-        [
-            "train",
-            f"model_name_or_path={tiny_model_dir}",
-            f"dataset_dir={identity_data}",
-            "dataset=identity",
-            "name=T",
-            "author=A",
-            f"output_dir={tmp_path / 'out'}",
-            "lora_target=query_key_value",
-        ]
-    )
-    assert code == 2
+    assert main(train_args(tmp_path, tiny_model_dir, identity_data, "lora_target=query_key_value")) == 2
     assert "query_key_value matches no linear layer of this model; its linear layers are: down_proj, gate_proj" in (
         capsys.readouterr().err
     )
@@ -265,23 +236,10 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, identi
     import time
 
     output = tmp_path / "out"
-    args = [
-        sys.executable,
-        "-m",
-        "tunesmith",
-        "train",
-        f"model_name_or_path={tiny_model_dir}",
-        f"dataset_dir={identity_data}",
-        "dataset=identity",
-        "name=T",
-        "author=A",
-        f"output_dir={output}",
-        "max_steps=100000",
-        "logging_steps=1",
-        "save_steps=100000",
-        "max_samples=8",
-    ]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    endless = train_args(tmp_path, tiny_model_dir, identity_data, "max_steps=100000", "save_steps=100000")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tunesmith", *endless], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 240
     while not (output / "metrics.jsonl").is_file() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -294,18 +252,5 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, identi
     assert not (output / "adapter_model.safetensors").exists()  # a partial run is not passed off as finished
 
     step = int(checkpoints[0].name.split("-")[1])
-    assert (
-        main(
-            [
-                "train",
-                *args[4:-4],
-                "max_steps=" + str(step + 2),
-                "logging_steps=1",
-                "save_steps=100000",
-                "max_samples=8",
-                "resume_from_checkpoint=true",
-            ]
-        )
-        == 0
-    )
+    assert main([*endless, f"max_steps={step + 2}", "resume_from_checkpoint=true"]) == 0
     assert (output / "adapter_model.safetensors").is_file()
