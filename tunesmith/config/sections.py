@@ -79,7 +79,9 @@ class DataSection(Section):
     author: str | None = Field(None, description="Fills {{author}} placeholders in the data (identity.json).")
     packing: bool = planned(False, "packing is on the roadmap")
     neat_packing: bool = planned(False, "packing is on the roadmap")
-    mask_history: bool = planned(False, "mask_history is on the roadmap")
+    mask_history: bool = Field(
+        False, description="Train only on the last assistant turn (default: on every assistant turn)."
+    )
     streaming: bool = planned(False, "streaming datasets are on the roadmap")
     mix_strategy: str = planned("concat", "dataset mixing strategies are on the roadmap")
     tokenized_path: str | None = planned(None, "tokenized dataset paths are on the roadmap")

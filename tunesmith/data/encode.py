@@ -5,6 +5,11 @@ The whole conversation is rendered once with the chat template and tokenized onc
 assistant turn adds (its content and end-of-turn token) is the difference between rendering the conversation up
 to that turn and rendering it up to the turn before with the generation prompt. Tokens that start inside such a
 span get their id as label; every other token gets -100 unless `train_on_prompt` is set.
+
+With `mask_history` only the last assistant turn is trained: earlier turns are context, rendered as at inference
+(reasoning templates drop their thoughts: `preserve_thinking=False`). Otherwise every assistant turn is trained, and
+the template is asked to keep earlier thoughts (`preserve_thinking=True`), since a thought is only trained if it stays
+in the text.
 """
 
 from __future__ import annotations
@@ -28,21 +33,41 @@ class Encoded:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def render(tokenizer, chat_template: str, messages: Conversation, add_generation_prompt: bool) -> str:
+def render(
+    tokenizer,
+    chat_template: str,
+    messages: Conversation,
+    add_generation_prompt: bool,
+    tools: list[dict] | None = None,
+    preserve_thinking: bool = True,
+) -> str:
     return tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages,
+        chat_template=chat_template,
+        tools=tools,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        preserve_thinking=preserve_thinking,
     )
 
 
-def assistant_spans(tokenizer, chat_template: str, messages: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans written by assistant turns."""
-    text = render(tokenizer, chat_template, messages, add_generation_prompt=False)
+def assistant_spans(
+    tokenizer,
+    chat_template: str,
+    messages: Conversation,
+    tools: list[dict] | None = None,
+    mask_history: bool = False,
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans written by the trained assistant turns."""
+    options = {"tools": tools, "preserve_thinking": not mask_history}  # the same for every rendering below
+    text = render(tokenizer, chat_template, messages, add_generation_prompt=False, **options)
+    trained = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+    if mask_history:
+        trained = trained[-1:]
     spans = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render(tokenizer, chat_template, messages[:index], add_generation_prompt=True)
-        through = render(tokenizer, chat_template, messages[: index + 1], add_generation_prompt=False)
+    for index in trained:
+        before = render(tokenizer, chat_template, messages[:index], add_generation_prompt=True, **options)
+        through = render(tokenizer, chat_template, messages[: index + 1], add_generation_prompt=False, **options)
         if not (through.startswith(before) and text.startswith(through)):
             raise DataError(
                 "the chat template renders earlier turns differently once later turns are added, so the "
@@ -53,9 +78,15 @@ def assistant_spans(tokenizer, chat_template: str, messages: Conversation) -> tu
 
 
 def encode_conversation(
-    tokenizer, chat_template: str, messages: Conversation, cutoff_len: int, train_on_prompt: bool = False
+    tokenizer,
+    chat_template: str,
+    messages: Conversation,
+    cutoff_len: int,
+    train_on_prompt: bool = False,
+    tools: list[dict] | None = None,
+    mask_history: bool = False,
 ) -> Encoded:
-    text, spans = assistant_spans(tokenizer, chat_template, messages)
+    text, spans = assistant_spans(tokenizer, chat_template, messages, tools, mask_history)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = encoding["input_ids"]
     labels = []
