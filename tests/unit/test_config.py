@@ -119,3 +119,14 @@ def test_val_size_fraction_or_count():
     assert load_config(None, ["dataset=x", "val_size=20"]).data.val_size == 20
     with pytest.raises(ConfigError, match="val_size"):
         load_config(None, ["dataset=x", "val_size=2.5"])
+
+
+def test_loggers_are_checked_before_anything_loads():
+    assert load_config(None, ["dataset=x", "report_to=tensorboard"]).train.report_to == ["tensorboard"]
+    with pytest.raises(ConfigError, match=r"`report_to`: .*unknown logger 'tensorbaord'"):
+        load_config(None, ["dataset=x", "report_to=tensorbaord"])
+
+
+def test_do_train_false_is_refused_not_ignored():
+    with pytest.raises(NotSupportedYet, match="do_train: false"):
+        load_config(None, ["dataset=x", "do_train=false"])

@@ -7,6 +7,7 @@ come are accepted and type-checked now, and refused with a clear "not supported 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -130,6 +131,13 @@ class MethodSection(Section):
         "lora_target", "freeze_trainable_modules", "freeze_extra_modules", "additional_target", mode="before"
     )(_split_list)
 
+    @field_validator("do_train")
+    @classmethod
+    def _training_only(cls, value: bool) -> bool:
+        if not value:
+            raise NotSupportedYet("`do_train: false` (evaluation or prediction only) is not supported yet")
+        return value
+
     @field_validator("stage")
     @classmethod
     def _only_sft(cls, value: str) -> str:
@@ -150,6 +158,17 @@ LrScheduler = Literal[
     "cosine_with_min_lr",
     "warmup_stable_decay",
 ]
+
+
+# report_to values → the package each needs
+LOGGER_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "swanlab": "swanlab",
+    "comet_ml": "comet_ml",
+    "trackio": "trackio",
+}
 
 
 class TrainSection(Section):
@@ -197,6 +216,18 @@ class TrainSection(Section):
     torch_compile: bool = planned(False, "torch.compile is on the roadmap")
 
     _split_report_to = field_validator("report_to", mode="before")(_split_list)
+
+    @field_validator("report_to")
+    @classmethod
+    def _loggers_installed(cls, value: list[str]) -> list[str]:
+        for logger in value:
+            if logger in ("none", "all"):
+                continue
+            if logger not in LOGGER_PACKAGES:
+                raise ValueError(f"unknown logger {logger!r}; use none or one of {', '.join(LOGGER_PACKAGES)}")
+            if importlib.util.find_spec(LOGGER_PACKAGES[logger]) is None:
+                raise ValueError(f"{logger} is not installed; pip install {LOGGER_PACKAGES[logger]}, or use none")
+        return value
 
     @model_validator(mode="after")
     def _one_precision(self) -> TrainSection:
