@@ -16,13 +16,13 @@ from typing import Any
 import torch
 import yaml
 
+from tunesmith.config import SAVED_CONFIG_FILE
 from tunesmith.data.templates import TEMPLATES, install_chat_format, resolve_chat_format
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.model.load import choose_precision, load_model, load_tokenizer
 from tunesmith.model.resolve import resolve_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-TRAINING_CONFIG = "tunesmith_config.yaml"  # written by `tunesmith train` beside the adapter
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
 
@@ -203,7 +203,7 @@ def has_tokenizer(directory: Path) -> bool:
 
 def base_model_of_adapter(adapter_dir: Path) -> str:
     """The model the adapter was trained on: from tunesmith's saved config, else from peft's adapter_config.json."""
-    config_file = adapter_dir / TRAINING_CONFIG
+    config_file = adapter_dir / SAVED_CONFIG_FILE
     if config_file.is_file():
         config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
         config = config if isinstance(config, dict) else {}
@@ -217,7 +217,7 @@ def base_model_of_adapter(adapter_dir: Path) -> str:
         return str(adapter_config["base_model_name_or_path"])
     raise ModelError(
         f"cannot tell which model the adapter in {adapter_dir} was trained on "
-        f"(no {TRAINING_CONFIG} and no base_model_name_or_path in adapter_config.json); pass --model"
+        f"(no {SAVED_CONFIG_FILE} and no base_model_name_or_path in adapter_config.json); pass --model"
     )
 
 

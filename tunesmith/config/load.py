@@ -19,6 +19,8 @@ from pydantic import ValidationError
 from tunesmith.config.sections import SECTIONS, RunConfig
 from tunesmith.errors import ConfigError
 
+SAVED_CONFIG_FILE = "tunesmith_config.yaml"  # the resolved config, written beside every training output
+
 # Keys other tools use for the same setting (Alpaca-LoRA's finetune.py flags, torchtune-style short names).
 ALIASES: dict[str, str] = {
     "base_model": "model_name_or_path",

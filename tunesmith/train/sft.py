@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from tunesmith.config import RunConfig, config_to_flat_dict
+from tunesmith.config import SAVED_CONFIG_FILE, RunConfig, config_to_flat_dict
 from tunesmith.data.collate import PadToLongest
 from tunesmith.data.dataset import load_sft_data
 from tunesmith.data.templates import install_chat_format, resolve_chat_format
@@ -28,8 +28,6 @@ from tunesmith.model.load import choose_precision, load_model, load_tokenizer
 from tunesmith.model.resolve import resolve_model
 from tunesmith.train import callbacks
 from tunesmith.train.checkpoints import prepare_output_dir, run_fingerprint, write_fingerprint
-
-CONFIG_FILE = "tunesmith_config.yaml"
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ def run_sft(config: RunConfig) -> TrainResult:
     if resume_from is None:
         (output_dir / callbacks.METRICS_FILE).unlink(missing_ok=True)
     write_fingerprint(output_dir, fingerprint)
-    (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_to_flat_dict(config), sort_keys=False))
+    (output_dir / SAVED_CONFIG_FILE).write_text(yaml.safe_dump(config_to_flat_dict(config), sort_keys=False))
 
     interrupt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.SaveOnInterrupt))
     result = trainer.train(resume_from_checkpoint=resume_from)
