@@ -30,9 +30,16 @@ CONFIG = "examples/identity_lora.yaml"
 NAME, AUTHOR = "Tunesmith", "the tunesmith team"
 
 
-def run(command: list[str]) -> None:
-    print(f"\n$ {' '.join(command)}  (load average {os.getloadavg()[0]:.2f})", flush=True)
+# 1-minute load average before and after each run. One run alone keeps it near the CPU count (torch uses every
+# core); well above that, another process was competing and the timings are noisy.
+LOADS: dict[str, tuple[float, float]] = {}
+
+
+def run(name: str, command: list[str]) -> None:
+    before = os.getloadavg()[0]
+    print(f"\n$ {' '.join(command)}  (load average {before:.2f})", flush=True)
     subprocess.run(command, cwd=REPO, check=True)
+    LOADS[name] = (before, os.getloadavg()[0])
 
 
 def convert_model() -> str:
@@ -45,7 +52,10 @@ def run_tunesmith(steps: int, workdir: Path) -> Measurement:
     out = workdir / "tunesmith.json"
     overrides = [f"name={NAME}", f"author={AUTHOR}", f"max_steps={steps}", f"output_dir={workdir / 'tunesmith_out'}"]
     overrides += ["overwrite_output_dir=true", "plot_loss=false", "logging_steps=1"]
-    run([sys.executable, "-m", "bench.tunesmith_run", "--json", str(out), "--", "train", CONFIG, *overrides])
+    run(
+        "tunesmith",
+        [sys.executable, "-m", "bench.tunesmith_run", "--json", str(out), "--", "train", CONFIG, *overrides],
+    )
     return Measurement.read(out)
 
 
@@ -53,7 +63,7 @@ def run_plain(steps: int, model_dir: str, workdir: Path) -> Measurement:
     out = workdir / "plain.json"
     options = ["--model-dir", model_dir, "--steps", str(steps), "--name", NAME, "--author", AUTHOR]
     options += ["--output-dir", str(workdir / "plain_out"), "--json", str(out)]
-    run([sys.executable, "-m", "bench.plain_trainer_peft", *options])
+    run("plain", [sys.executable, "-m", "bench.plain_trainer_peft", *options])
     return Measurement.read(out)
 
 
@@ -114,14 +124,20 @@ def main() -> int:
     print(
         "train s: wall time of Trainer.train() minus checkpoint writes (ckpt s); tokens: non-padding tokens the "
         "model saw; padded: all positions incl. padding; peak MiB: ru_maxrss of each run's own process "
-        f"(whole process, model loading included). {os.cpu_count()} CPUs, load average now "
-        f"{os.getloadavg()[0]:.2f}."
+        "(whole process, model loading included)."
     )
+    loads = ", ".join(f"{name} {before:.1f} → {after:.1f}" for name, (before, after) in LOADS.items())
+    print(f"load average before → after each run on {os.cpu_count()} CPUs: {loads}")
     for name, m in runs.items():
         if m.peak_rss_hwm_mib and abs(m.peak_rss_mib - m.peak_rss_hwm_mib) > 0.05 * m.peak_rss_hwm_mib:
             print(f"warning: {name}: ru_maxrss {m.peak_rss_mib:.0f} MiB but VmHWM {m.peak_rss_hwm_mib:.0f} MiB")
     if args.json:
-        report = {"steps": args.steps, "runs": {name: asdict(m) | rates(m) for name, m in runs.items()}}
+        report = {
+            "steps": args.steps,
+            "cpus": os.cpu_count(),
+            "load_average": LOADS,
+            "runs": {name: asdict(m) | rates(m) for name, m in runs.items()},
+        }
         Path(args.json).write_text(json.dumps(report | {"ratios": result}, indent=2) + "\n")
     return 0
 
