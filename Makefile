@@ -16,3 +16,4 @@ style:
 
 bench:
 	python -m bench.identity
+	python -m bench.packing

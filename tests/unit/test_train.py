@@ -254,3 +254,23 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, identi
     step = int(checkpoints[0].name.split("-")[1])
     assert main([*endless, f"max_steps={step + 2}", "resume_from_checkpoint=true"]) == 0
     assert (output / "adapter_model.safetensors").is_file()
+
+
+def test_streaming_trains_without_reading_ahead(tmp_path, tiny_model_dir, identity_data):
+    from tests.conftest import write_rows
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(40)
+    ]
+    path = write_rows(tmp_path / "chat.jsonl", rows)
+    output = train(
+        tmp_path, tiny_model_dir, identity_data, f"dataset={path}", "streaming=true", "max_steps=3", "val_size=4"
+    )
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+
+def test_streaming_without_max_steps_is_refused_before_loading(capsys, tmp_path):
+    assert main(["train", "dataset=x.jsonl", "streaming=true", f"output_dir={tmp_path}"]) == 2
+    assert "`streaming: true` needs `max_steps`" in capsys.readouterr().err

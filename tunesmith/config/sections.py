@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tunesmith.errors import NotSupportedYet
@@ -63,9 +64,12 @@ class ModelSection(Section):
 class DataSection(Section):
     dataset: list[str] = Field(
         default_factory=list,
-        description="Names from dataset_dir/dataset_info.json, or paths to .json/.jsonl files; comma-separated.",
+        description="Names from dataset_dir/dataset_info.json, or paths to .json/.jsonl/.csv/.parquet/.txt files or "
+        "folders of them; comma-separated.",
     )
-    eval_dataset: list[str] = planned([], "separate eval datasets are on the roadmap; use val_size")
+    eval_dataset: list[str] = Field(
+        default_factory=list, description="Datasets for eval loss only (instead of val_size); names or paths."
+    )
     dataset_dir: str = Field("data", description="Folder holding dataset_info.json and the dataset files.")
     template: str | None = Field(
         None, description="A named prompt template; default: the tokenizer's own chat template."
@@ -78,16 +82,86 @@ class DataSection(Section):
     preprocessing_num_workers: int | None = Field(None, ge=1, description="Processes used to tokenize.")
     name: str | None = Field(None, description="Fills {{name}} placeholders in the data (identity.json).")
     author: str | None = Field(None, description="Fills {{author}} placeholders in the data (identity.json).")
-    packing: bool = planned(False, "packing is on the roadmap")
-    neat_packing: bool = planned(False, "packing is on the roadmap")
+    packing: bool = Field(
+        False,
+        description="Fill cutoff_len rows with whole examples (fewer rows, less padding); position ids restart and "
+        "attention stops at each example's boundary, so no example sees another.",
+    )
+    neat_packing: bool = Field(
+        False,
+        description="LLaMA-Factory's name for packing without attention across examples: the same as packing: true "
+        "(tunesmith's packing never lets examples see each other).",
+    )
     mask_history: bool = Field(
         False, description="Train only on the last assistant turn (default: on every assistant turn)."
     )
-    streaming: bool = planned(False, "streaming datasets are on the roadmap")
-    mix_strategy: str = planned("concat", "dataset mixing strategies are on the roadmap")
-    tokenized_path: str | None = planned(None, "tokenized dataset paths are on the roadmap")
+    streaming: bool = Field(
+        False, description="Read and tokenize rows while training, for data larger than memory; needs max_steps."
+    )
+    buffer_size: int = Field(16384, gt=0, description="streaming: rows held in the shuffle buffer.")
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over", "interleave_once"] = Field(
+        "concat",
+        description="Several datasets: concat, or interleave rows until the first runs out (under), until all have "
+        "been used up, repeating the smaller ones (over), or with every row used once (once).",
+    )
+    interleave_probs: list[float] | None = Field(
+        None, description="interleave_*: the chance of drawing from each dataset, in `dataset` order (default equal)."
+    )
+    column_map: dict[str, str] | None = Field(
+        None,
+        description="Datasets given by path: our column name → the file's, e.g. {instruction: prompt, output: answer}.",
+    )
+    tokenized_path: str | None = Field(
+        None,
+        description="Save the tokenized data here, or load it from here if it is there (the other data keys are "
+        "then ignored).",
+    )
 
-    _split_dataset = field_validator("dataset", "eval_dataset", mode="before")(_split_list)
+    _split_dataset = field_validator("dataset", "eval_dataset", "interleave_probs", mode="before")(_split_list)
+
+    @field_validator("column_map", mode="before")
+    @classmethod
+    def _column_map_from_text(cls, value: Any) -> Any:
+        """`column_map={instruction: prompt}` on the command line arrives as text."""
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError("write it as a mapping, e.g. {instruction: prompt, output: answer}") from None
+        return value
+
+    @field_validator("column_map")
+    @classmethod
+    def _known_columns(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        from tunesmith.data.formats import COLUMN_NAMES
+
+        unknown = sorted(set(value or {}) - set(COLUMN_NAMES))
+        if unknown:
+            raise ValueError(
+                f"unknown column {', '.join(unknown)}; the keys are our column names: {', '.join(COLUMN_NAMES)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _data_choices_agree(self) -> DataSection:
+        if self.interleave_probs is not None:
+            if not self.mix_strategy.startswith("interleave"):
+                raise ValueError(
+                    "interleave_probs needs mix_strategy interleave_under, interleave_over or interleave_once"
+                )
+            if len(self.interleave_probs) != len(self.dataset):
+                raise ValueError(
+                    f"interleave_probs has {len(self.interleave_probs)} values for {len(self.dataset)} datasets"
+                )
+            if min(self.interleave_probs) < 0 or abs(sum(self.interleave_probs) - 1) > 1e-6:
+                raise ValueError(f"interleave_probs {self.interleave_probs} must be non-negative and add up to 1")
+        if self.eval_dataset and self.val_size:
+            raise ValueError("set either val_size (hold out training rows) or eval_dataset, not both")
+        if self.streaming and self.tokenized_path:
+            raise ValueError("tokenized_path saves a tokenized dataset, which streaming never builds; drop one of them")
+        if self.streaming and 0 < self.val_size < 1:
+            raise ValueError(f"with streaming, val_size must be a number of rows, not a fraction ({self.val_size})")
+        return self
 
     @field_validator("val_size")
     @classmethod
@@ -99,7 +173,7 @@ class DataSection(Section):
 
 class MethodSection(Section):
     stage: Literal["sft", "pt", "rm", "ppo", "dpo", "kto", "orpo", "simpo"] = Field(
-        "sft", description="Training stage; only sft is built so far."
+        "sft", description="Training stage; `tunesmith train` runs sft (the data step knows pt, rm, dpo, kto too)."
     )
     do_train: bool = Field(True, description="Accepted for LLaMA-Factory compatibility; train always trains.")
     finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="What is trained.")
@@ -136,13 +210,6 @@ class MethodSection(Section):
     def _training_only(cls, value: bool) -> bool:
         if not value:
             raise NotSupportedYet("`do_train: false` (evaluation or prediction only) is not supported yet")
-        return value
-
-    @field_validator("stage")
-    @classmethod
-    def _only_sft(cls, value: str) -> str:
-        if value != "sft":
-            raise NotSupportedYet(f"`stage: {value}` is not supported yet; only `stage: sft` is built so far.")
         return value
 
 
@@ -259,6 +326,8 @@ class RunConfig(BaseModel):
     def _cross_checks(self) -> RunConfig:
         if self.method.stage == "sft" and not self.data.dataset:
             raise ValueError("`dataset` is empty: name a dataset from dataset_info.json or a .json/.jsonl file")
+        if self.data.streaming and self.train.max_steps <= 0:
+            raise ValueError("`streaming: true` needs `max_steps`: a streamed dataset has no length to count epochs by")
         return self
 
 

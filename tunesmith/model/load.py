@@ -50,6 +50,16 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def load_chat_tokenizer(model_dir: str, template: str | None, trust_remote_code: bool = False):
+    """The tokenizer set up to render and stop with the run's chat template (its own, or a named one)."""
+    from tunesmith.data.templates import install_chat_format, resolve_chat_format
+
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    chat_format = resolve_chat_format(template, tokenizer)
+    install_chat_format(tokenizer, chat_format)
+    return tokenizer, chat_format
+
+
 def load_model(model_dir: str, dtype: torch.dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 

@@ -6,6 +6,7 @@ import argparse
 
 from tunesmith.config import config_to_flat_dict, load_config
 from tunesmith.config.sections import SECTIONS
+from tunesmith.errors import NotSupportedYet
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     if config_path is not None and "=" in config_path:  # no file, only overrides
         config_path, overrides = None, [config_path, *overrides]
     config = load_config(config_path, overrides)
+    if config.method.stage != "sft":
+        raise NotSupportedYet(f"`stage: {config.method.stage}` is not supported yet; only `stage: sft` is built so far")
     print_config(config)
     if args.print_config:
         return 0

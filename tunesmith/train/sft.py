@@ -7,16 +7,16 @@ checks and outputs around it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import yaml
 
 from tunesmith.config import SAVED_CONFIG_FILE, RunConfig, config_to_flat_dict
-from tunesmith.data.collate import PadToLongest
+from tunesmith.data.collate import PackedBatches, PadToLongest
 from tunesmith.data.dataset import load_sft_data
-from tunesmith.data.templates import install_chat_format, resolve_chat_format
+from tunesmith.data.packing import pack_dataset
 from tunesmith.model.adapters import (
     apply_freeze,
     apply_lora,
@@ -24,7 +24,7 @@ from tunesmith.model.adapters import (
     count_parameters,
     resolve_lora_targets,
 )
-from tunesmith.model.load import choose_precision, load_model, load_tokenizer
+from tunesmith.model.load import choose_precision, load_chat_tokenizer, load_model
 from tunesmith.model.resolve import resolve_model
 from tunesmith.train import callbacks
 from tunesmith.train.checkpoints import prepare_output_dir, run_fingerprint, write_fingerprint
@@ -52,13 +52,24 @@ def run_sft(config: RunConfig) -> TrainResult:
         print(f"note: {precision.note}")
 
     model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
-    tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
-    chat_format = resolve_chat_format(config.data.template, tokenizer)
-    install_chat_format(tokenizer, chat_format)
+    tokenizer, chat_format = load_chat_tokenizer(model_dir, config.data.template, config.model.trust_remote_code)
 
     # Data before weights: a bad row should fail in seconds, not after a model download.
-    data = load_sft_data(config.data, tokenizer, chat_format.jinja, config.train.seed)
+    data = load_sft_data(
+        config.data,
+        tokenizer,
+        chat_format.jinja,
+        config.train.seed,
+        cache_dir=config.model.cache_dir,
+        max_steps=config.train.max_steps,
+    )
     print(data.summary())
+    if config.data.packing or config.data.neat_packing:
+        cutoff_len, seed = config.data.cutoff_len, config.train.seed
+        packed_train, stats = pack_dataset(data.train, cutoff_len, seed)
+        packed_eval = None if data.eval is None else pack_dataset(data.eval, cutoff_len, seed)[0]
+        data = replace(data, train=packed_train, eval=packed_eval)
+        print(stats.summary())
 
     model = load_model(model_dir, precision.dtype, config.model.trust_remote_code)
     model = apply_method(model, config)
@@ -69,7 +80,7 @@ def run_sft(config: RunConfig) -> TrainResult:
     )
 
     trainer = build_trainer(config, model, tokenizer, data, precision, fingerprint)
-    print_batch_plan(config, trainer, len(data.train))
+    print_batch_plan(config, trainer, data.train_rows)
     if resume_from is None:
         (output_dir / callbacks.METRICS_FILE).unlink(missing_ok=True)
     write_fingerprint(output_dir, fingerprint)
@@ -110,6 +121,7 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
 
     train = config.train
     evaluate = data.eval is not None
+    packing = config.data.packing or config.data.neat_packing
     eval_strategy = train.eval_strategy or ("steps" if evaluate else "no")
     args = TrainingArguments(
         output_dir=config.output.output_dir,
@@ -141,7 +153,8 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
         report_to=[] if train.report_to == ["none"] else train.report_to,
         dataloader_num_workers=train.dataloader_num_workers,
         ddp_timeout=train.ddp_timeout,
-        include_num_input_tokens_seen="non_padding",
+        # A packed batch has a 4D mask (or none), which Trainer cannot count real tokens from: count every position.
+        include_num_input_tokens_seen="all" if packing else "non_padding",
         remove_unused_columns=False,
         disable_tqdm=True,  # our ProgressBar replaces the default bar and the printed log dicts
     )
@@ -150,7 +163,9 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=PadToLongest(tokenizer.pad_token_id),
+        data_collator=(
+            PackedBatches.for_model(tokenizer.pad_token_id, model) if packing else PadToLongest(tokenizer.pad_token_id)
+        ),
         processing_class=tokenizer,
         callbacks=[
             callbacks.TokensPerSecond(),
@@ -165,14 +180,14 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
     return trainer
 
 
-def print_batch_plan(config: RunConfig, trainer, rows: int) -> None:
+def print_batch_plan(config: RunConfig, trainer, rows: int | None) -> None:
     world = trainer.args.world_size
     per_device = config.train.per_device_train_batch_size
     accumulation = config.train.gradient_accumulation_steps
     global_batch = per_device * accumulation * world
     print(
         f"batch: {per_device} per device x {accumulation} accumulation x {world} process(es) = {global_batch} rows "
-        f"per step; {rows} training rows; device {trainer.args.device}"
+        f"per step; {rows if rows is not None else 'streamed'} training rows; device {trainer.args.device}"
     )
 
 

@@ -1,0 +1,313 @@
+"""`tunesmith data check | preview | convert`: look at a dataset the way training will see it.
+
+It takes the same config file and `key=value` keys as `tunesmith train` (dataset, dataset_dir, model_name_or_path,
+template, cutoff_len, stage, ...), so what it reports is what a run with that config would train on.
+
+- check: every bad row (file, row, field), row counts, a token-length histogram, the share of examples truncated at
+  cutoff_len and of examples with no supervised token. Exit 1 if any row is bad. Without `dataset`, every entry of
+  dataset_dir/dataset_info.json whose files are present is checked.
+- preview: N examples rendered with the trained tokens highlighted; `--json` prints one object per example with
+  `input_ids` and `labels` instead.
+- convert: rewrite a dataset as alpaca, ShareGPT or OpenAI-messages JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from tunesmith.config import RunConfig, load_config
+from tunesmith.config.load import parse_overrides
+from tunesmith.data.cache import cache_root
+from tunesmith.data.dataset import DataStep
+from tunesmith.data.encode import IGNORE_INDEX
+from tunesmith.data.formats import Conversation, Example
+from tunesmith.data.registry import DatasetSpec, load_registry, resolve_datasets
+from tunesmith.data.selection import select_rows
+from tunesmith.errors import DataError, TunesmithError
+from tunesmith.model.load import load_chat_tokenizer
+from tunesmith.model.resolve import resolve_model
+
+FORMATS = ("alpaca", "sharegpt", "openai")
+MAX_ERRORS_SHOWN = 20
+GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("check", "preview", "convert"), help="what to do with the data")
+    parser.add_argument("config", nargs="?", help="a YAML config (the same as for train), or a first key=value")
+    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. dataset=identity dataset_dir=data")
+    parser.add_argument("-n", "--num-examples", type=int, default=3, help="preview: how many examples (default 3)")
+    parser.add_argument("--json", action="store_true", help="preview: one JSON object per example (input_ids, labels)")
+    parser.add_argument("--to", choices=FORMATS, help="convert: the format to write")
+    parser.add_argument("-o", "--output", help="convert: the .jsonl file to write (default: standard output)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path:
+        config_path, overrides = None, [config_path, *overrides]
+    if args.action == "convert" and args.to is None:
+        raise TunesmithError("convert needs --to, one of " + ", ".join(FORMATS))
+    config, whole_registry = load_data_config(config_path, overrides)
+    model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
+    tokenizer, chat_format = load_chat_tokenizer(model_dir, config.data.template, config.model.trust_remote_code)
+    root = cache_root(config.model.cache_dir)
+    steps: dict[str, DataStep] = {}
+
+    def step_for(spec: DatasetSpec) -> DataStep:
+        """A whole registry mixes stages: each entry is read for its own (preference pairs for dpo, ...)."""
+        stage = spec.natural_stage if whole_registry else config.method.stage
+        if stage not in steps:
+            steps[stage] = DataStep(config.data, tokenizer, chat_format.jinja, stage, config.train.seed, root)
+        return steps[stage]
+
+    pairs = [(step_for(spec), spec) for spec in resolve_datasets(config.data.dataset, config.data.dataset_dir)]
+    if args.action == "check":
+        return check(pairs, config.data.cutoff_len)
+    if args.action == "preview":
+        return preview(pairs, args.num_examples, args.json)
+    return convert(pairs, args.to, args.output)
+
+
+def load_data_config(config_path: str | None, overrides: list[str]) -> tuple[RunConfig, bool]:
+    """The run's config, and whether it means a whole registry: without `dataset`, every entry of dataset_dir
+    whose files are present."""
+    try:
+        return load_config(config_path, overrides), False
+    except TunesmithError as error:
+        if "`dataset` is empty" not in str(error):
+            raise
+    dataset_dir = str(parse_overrides(overrides).get("dataset_dir", "data"))
+    present = [name for name, entry in load_registry(Path(dataset_dir)).items() if _files_present(entry, dataset_dir)]
+    if not present:
+        raise DataError(f"no dataset given, and {dataset_dir}/dataset_info.json lists none whose files are present")
+    return load_config(config_path, [*overrides, "dataset=" + ",".join(present)]), True
+
+
+def _files_present(entry: dict[str, Any], dataset_dir: str) -> bool:
+    file_name = entry.get("file_name") if isinstance(entry, dict) else None
+    return bool(file_name) and (Path(dataset_dir) / file_name).exists()
+
+
+# --- check ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    name: str
+    source: str
+    stage: str
+    rows: int = 0
+    errors: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    truncated: int = 0
+    unsupervised: int = 0
+
+
+def check(pairs: list[tuple[DataStep, DatasetSpec]], cutoff_len: int) -> int:
+    reports = [check_dataset(step, spec) for step, spec in pairs]
+    for report in reports:
+        print_report(report, cutoff_len)
+    bad = sum(len(report.errors) for report in reports)
+    print(f"{len(reports)} dataset(s), {sum(r.rows for r in reports)} rows, {bad} bad row(s)")
+    return 1 if bad else 0
+
+
+def check_dataset(step: DataStep, spec: DatasetSpec) -> Report:
+    report = Report(spec.name, spec.source, step.stage)
+    errors: list[DataError] = []
+    reader = step.reader(spec)
+    try:
+        rows = _counted(selected_rows(step, spec), report)
+        for example in reader.examples(rows, errors):
+            try:
+                encoded_rows = step.encoder.encode(example)
+            except DataError as error:
+                errors.append(error)
+                continue
+            for encoded in encoded_rows:
+                report.lengths.append(len(encoded.get("input_ids") or encoded["chosen_input_ids"]))
+                report.truncated += bool(encoded["truncated"])
+                report.unsupervised += encoded["supervised"] == 0
+    except DataError as error:  # the file itself is broken (not JSON, empty): nothing after it can be read
+        errors.append(error)
+    if report.rows == 0 and not errors:
+        errors.append(DataError(f"{spec.source}: the dataset has no rows"))
+    report.errors = [str(error) for error in errors]
+    return report
+
+
+def selected_rows(step: DataStep, spec: DatasetSpec) -> list:
+    """The rows a run would read: the split slice, num_samples and max_samples, as in training."""
+    reader = step.reader(spec)
+    return select_rows(reader.rows(), spec.split, spec.entry.num_samples, step.data.max_samples, step.seed)
+
+
+def _counted(rows: Iterator, report: Report) -> Iterator:
+    for row in rows:
+        report.rows += 1
+        yield row
+
+
+def print_report(report: Report, cutoff_len: int) -> None:
+    print(f"== {report.name} ({report.source}, stage {report.stage}): {report.rows} rows, {len(report.errors)} bad")
+    for error in report.errors[:MAX_ERRORS_SHOWN]:
+        print(f"  bad row: {error}")
+    if len(report.errors) > MAX_ERRORS_SHOWN:
+        print(f"  ... and {len(report.errors) - MAX_ERRORS_SHOWN} more bad rows")
+    if not report.lengths:
+        return
+    examples = len(report.lengths)
+    print(
+        f"  {examples} examples; tokens min {min(report.lengths)}, mean {sum(report.lengths) / examples:.0f}, "
+        f"max {max(report.lengths)}; truncated at cutoff_len={cutoff_len}: {report.truncated / examples:.1%}; "
+        f"no supervised token: {report.unsupervised / examples:.1%}"
+    )
+    for line in histogram(report.lengths, cutoff_len):
+        print("  " + line)
+
+
+def histogram(lengths: list[int], cutoff_len: int, buckets: int = 8, width: int = 40) -> list[str]:
+    """Token lengths in equal-width buckets up to cutoff_len, as text bars."""
+    size = max(1, -(-cutoff_len // buckets))
+    counts = [0] * buckets
+    for length in lengths:
+        counts[min(buckets - 1, (length - 1) // size)] += 1
+    top = max(counts)
+    return [
+        f"{index * size + 1:>6}-{min((index + 1) * size, cutoff_len):<6} {'#' * round(width * count / top):<{width}} "
+        f"{count}"
+        for index, count in enumerate(counts)
+    ]
+
+
+# --- preview --------------------------------------------------------------------------------------------------------
+
+
+def preview(pairs: list[tuple[DataStep, DatasetSpec]], count: int, as_json: bool) -> int:
+    colour = sys.stdout.isatty() and not as_json
+    for step, spec in pairs:
+        reader = step.reader(spec)
+        for example in islice(reader.examples(selected_rows(step, spec)), count):
+            for encoded in step.encoder.encode(example):
+                ids_key, labels_key = (
+                    ("input_ids", "labels") if "input_ids" in encoded else ("chosen_input_ids", "chosen_labels")
+                )
+                ids, labels = encoded[ids_key], encoded[labels_key]
+                if as_json:
+                    print(json.dumps({"dataset": spec.name, "row": example.where, "input_ids": ids, "labels": labels}))
+                else:
+                    trained = sum(label != IGNORE_INDEX for label in labels)
+                    print(f"== {example.where} ({len(ids)} tokens, {trained} trained)")
+                    print(render_labels(step.tokenizer, ids, labels, colour))
+    return 0
+
+
+def render_labels(tokenizer, ids: list[int], labels: list[int], colour: bool) -> str:
+    """The text, trained tokens in green (or between [[ ]] without a terminal), the rest dimmed."""
+    pieces = []
+    for trained, group in _runs(ids, labels):
+        text = tokenizer.decode(group)
+        if colour:
+            pieces.append(f"{GREEN if trained else DIM}{text}{RESET}")
+        else:
+            pieces.append(f"[[{text}]]" if trained else text)
+    return "".join(pieces)
+
+
+def _runs(ids: list[int], labels: list[int]) -> Iterator[tuple[bool, list[int]]]:
+    group: list[int] = []
+    current = None
+    for token, label in zip(ids, labels, strict=True):
+        trained = label != IGNORE_INDEX
+        if trained != current and group:
+            yield bool(current), group
+            group = []
+        current = trained
+        group.append(token)
+    if group:
+        yield bool(current), group
+
+
+# --- convert --------------------------------------------------------------------------------------------------------
+
+
+def convert(pairs: list[tuple[DataStep, DatasetSpec]], target: str, output: str | None) -> int:
+    out = open(output, "w", encoding="utf-8") if output else sys.stdout  # noqa: SIM115 (stdout is not closed)
+    written = 0
+    try:
+        for step, spec in pairs:
+            reader = step.reader(spec)
+            for example in reader.examples(selected_rows(step, spec)):
+                out.write(json.dumps(to_format(example, target), ensure_ascii=False) + "\n")
+                written += 1
+    finally:
+        if output:
+            out.close()
+    print(f"wrote {written} rows as {target}{' to ' + output if output else ''}", file=sys.stderr)
+    return 0
+
+
+def to_format(example: Example, target: str) -> dict[str, Any]:
+    messages = example.messages
+    if target == "openai":
+        row: dict[str, Any] = {"messages": messages}
+    elif target == "sharegpt":
+        row = sharegpt_row(messages)
+    else:
+        row = alpaca_row(messages, example.where)
+    if example.tools:
+        row["tools"] = example.tools if target == "openai" else json.dumps(example.tools, ensure_ascii=False)
+    for media in ("images", "videos", "audios"):
+        if getattr(example, media):
+            row[media] = getattr(example, media)
+    return row
+
+
+SHAREGPT_ROLES = {"user": "human", "assistant": "gpt", "tool": "observation"}
+
+
+def sharegpt_row(messages: Conversation) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    turns = []
+    for message in messages:
+        if message["role"] == "system":
+            row["system"] = message["content"]
+            continue
+        for call in message.get("tool_calls") or []:
+            function = call["function"]
+            arguments = function["arguments"]
+            value = json.dumps(
+                {
+                    "name": function["name"],
+                    "arguments": json.loads(arguments) if isinstance(arguments, str) else arguments,
+                },
+                ensure_ascii=False,
+            )
+            turns.append({"from": "function_call", "value": value})
+        if message["content"] or not message.get("tool_calls"):
+            turns.append({"from": SHAREGPT_ROLES[message["role"]], "value": message["content"]})
+    row["conversations"] = turns
+    return row
+
+
+def alpaca_row(messages: Conversation, where: str) -> dict[str, Any]:
+    """system, history pairs, then the last user turn as instruction and the last answer as output."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    turns = messages[1:] if system else messages
+    if any(m["role"] not in ("user", "assistant") or m.get("tool_calls") for m in turns):
+        raise DataError(f"{where}: tool calls and tool results have no alpaca form; convert to sharegpt or openai")
+    pairs = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns) - 2, 2)]
+    row: dict[str, Any] = {"instruction": turns[-2]["content"], "input": "", "output": turns[-1]["content"]}
+    if system:
+        row["system"] = system
+    if pairs:
+        row["history"] = pairs
+    return row
