@@ -1,4 +1,4 @@
-"""Padding with and without packing, and training speed with and without it, on alpaca_en_demo and SmolLM2.
+"""Padding and tokenizing throughput (cold, cached) with and without packing; training speed too, on SmolLM2.
 
     python -m bench.packing [--cutoff-len 1024] [--batch-size 4] [--train-steps N] [--json out.json]
 
@@ -8,6 +8,9 @@ SmolLM2's tokenizer and chat template, and cut into batches the way training doe
 one example; with packing it is a packed row of whole examples (`tunesmith.data.packing`). The padding share of a
 batch is its padding positions over all its positions. With flash attention (GPU) a packed batch is flattened into
 one row and has no padding at all.
+
+Tokenizing (always): rows/s of the whole data step (read, convert, encode, write the cache) into an empty cache,
+then the same call again, served from the cache.
 
 Training (`--train-steps N`): `tunesmith train` on SmolLM2 (LoRA on every linear layer, batch 4, cutoff_len 1024,
 alpaca_en_demo) for N steps, packing off and on, each in its own subprocess measured by bench.probe (the same
@@ -25,6 +28,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,25 +69,36 @@ def padding_of(lengths: list[int], batch_size: int, seed: int) -> Padding:
     return Padding(len(lengths), len(shares), positions, padding, sum(shares) / len(shares), max(shares))
 
 
-def measure_padding(cutoff_len: int, batch_size: int) -> dict[str, Padding]:
+def measure_data(cutoff_len: int, batch_size: int) -> tuple[dict[str, Padding], dict[str, float]]:
+    """Padding without and with packing, and tokenizing throughput (rows/s) cold and from the cache."""
     from tunesmith.config import load_config
     from tunesmith.data.dataset import load_sft_data
     from tunesmith.data.packing import pack_dataset
-    from tunesmith.data.templates import install_chat_format, resolve_chat_format
-    from tunesmith.model.load import load_tokenizer
+    from tunesmith.model.load import load_chat_tokenizer
     from tunesmith.model.resolve import resolve_model
 
     config = load_config(None, [f"dataset={DATASET}", f"dataset_dir={REPO / 'data'}", f"cutoff_len={cutoff_len}"])
-    tokenizer = load_tokenizer(resolve_model(MODEL_ALIAS))
-    chat_format = resolve_chat_format(None, tokenizer)
-    install_chat_format(tokenizer, chat_format)
-    data = load_sft_data(config.data, tokenizer, chat_format.jinja, SEED)
-    packed, stats = pack_dataset(data.train, cutoff_len, SEED)
-    print(stats.summary())
-    return {
-        "unpacked": padding_of([len(ids) for ids in data.train["input_ids"]], batch_size, SEED),
-        "packed": padding_of([len(ids) for ids in packed["input_ids"]], batch_size, SEED),
-    }
+    tokenizer, chat_format = load_chat_tokenizer(resolve_model(MODEL_ALIAS), None)
+    throughput = {}
+    with tempfile.TemporaryDirectory(prefix="tunesmith-bench-cache-") as cache:  # cold: an empty cache
+        for attempt in ("cold", "cached"):
+            start = time.perf_counter()
+            data = load_sft_data(config.data, tokenizer, chat_format.jinja, SEED, cache_dir=cache)
+            throughput[attempt] = data.rows / (time.perf_counter() - start)
+        packed, stats = pack_dataset(data.train, cutoff_len, SEED)
+        print(stats.summary())
+        padding = {
+            "unpacked": padding_of([len(ids) for ids in data.train["input_ids"]], batch_size, SEED),
+            "packed": padding_of([len(ids) for ids in packed["input_ids"]], batch_size, SEED),
+        }
+    return padding, throughput
+
+
+def print_throughput(throughput: dict[str, float]) -> None:
+    print(
+        f"\nTokenizing {DATASET} (rows/s): cold {throughput['cold']:.0f}, cached {throughput['cached']:.0f} "
+        f"(x{throughput['cached'] / throughput['cold']:.1f})"
+    )
 
 
 def print_padding(results: dict[str, Padding], cutoff_len: int, batch_size: int) -> None:
@@ -169,9 +184,10 @@ def main() -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
-    padding = measure_padding(args.cutoff_len, args.batch_size)
+    padding, throughput = measure_data(args.cutoff_len, args.batch_size)
     print_padding(padding, args.cutoff_len, args.batch_size)
-    report: dict = {"cutoff_len": args.cutoff_len, "batch_size": args.batch_size}
+    print_throughput(throughput)
+    report: dict = {"cutoff_len": args.cutoff_len, "batch_size": args.batch_size, "tokenizing_rows_per_s": throughput}
     report["padding"] = {name: asdict(p) | {"share": p.share} for name, p in padding.items()}
     if args.train_steps:
         with tempfile.TemporaryDirectory(prefix="tunesmith-bench-packing-") as tmp:
