@@ -94,7 +94,7 @@ def test_bad_value_names_field_value_and_valid_choices():
 
 @pytest.mark.parametrize(
     ("override", "feature"),
-    [("deepspeed=ds_z3.json", "DeepSpeed"), ("quantization_bit=4", "QLoRA")],
+    [("fsdp=full_shard", "FSDP"), ("use_unsloth=true", "Unsloth")],
 )
 def test_later_features_are_refused_not_ignored(override, feature):
     with pytest.raises(NotSupportedYet, match=feature):

@@ -53,12 +53,40 @@ class ModelSection(Section):
         False, description="Run Python code shipped with the model. Only for models you trust."
     )
     cache_dir: str | None = Field(None, description="Where converted models are cached (default ~/.cache/tunesmith).")
-    quantization_bit: int | None = planned(None, "4/8-bit QLoRA is on the roadmap")
-    quantization_method: str = planned("bitsandbytes", "quantized training is on the roadmap")
+    quantization_bit: Literal[4, 8] | None = Field(
+        None,
+        description="Load the base model's linear layers in 4 bits (QLoRA) or 8 bits with bitsandbytes and train "
+        "LoRA on top; needs finetuning_type: lora.",
+    )
+    quantization_method: Literal["bitsandbytes", "bnb"] = Field(
+        "bitsandbytes",
+        description="How quantization_bit quantizes: bitsandbytes (bnb). A model saved in GPTQ or AWQ form is "
+        "recognised from its config.json and needs no key.",
+    )
+    quantization_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="quantization_bit: 4: the 4-bit data type, NormalFloat (nf4, QLoRA's) or plain fp4."
+    )
+    double_quantization: bool = Field(
+        True, description="quantization_bit: 4: also quantize the quantization constants (saves ~0.4 bit/weight)."
+    )
     flash_attn: str = planned("auto", "attention kernels are on the roadmap")
     enable_liger_kernel: bool = planned(False, "Liger kernels are on the roadmap")
     use_unsloth: bool = planned(False, "Unsloth is on the roadmap")
     rope_scaling: str | None = planned(None, "RoPE scaling is not built yet")
+
+    @model_validator(mode="after")
+    def _quantization_options_agree(self) -> ModelSection:
+        four_bit_only = [
+            name
+            for name in ("quantization_type", "double_quantization")
+            if getattr(self, name) != type(self).model_fields[name].default
+        ]
+        if four_bit_only and self.quantization_bit != 4:
+            raise ValueError(
+                f"{' and '.join(four_bit_only)} only apply to 4-bit quantization; set quantization_bit: 4 "
+                f"or remove {' and '.join(four_bit_only)}"
+            )
+        return self
 
 
 class DataSection(Section):
@@ -194,8 +222,17 @@ class MethodSection(Section):
     freeze_extra_modules: list[str] = Field(
         default_factory=list, description="freeze: extra top-level modules to train (embed_tokens,norm)."
     )
-    use_dora: bool = planned(False, "DoRA is on the roadmap")
-    use_rslora: bool = planned(False, "rsLoRA is on the roadmap")
+    use_dora: bool = Field(
+        False, description="DoRA: LoRA on the direction of each weight plus a trained magnitude vector (peft)."
+    )
+    use_rslora: bool = Field(
+        False, description="rsLoRA: scale the adapter by lora_alpha/sqrt(r) instead of lora_alpha/r (peft)."
+    )
+    chunked_loss: bool = Field(
+        True,
+        description="Compute the loss only at supervised positions, a chunk of tokens at a time, so the full "
+        "[batch, seq, vocab] logits are never held (same value as the model's own loss); false: the model's loss.",
+    )
     pissa_init: bool = planned(False, "PiSSA is on the roadmap")
     loraplus_lr_ratio: float | None = planned(None, "LoRA+ is on the roadmap")
     additional_target: list[str] = planned([], "additional_target is on the roadmap")
@@ -204,6 +241,13 @@ class MethodSection(Section):
     _split_lists = field_validator(
         "lora_target", "freeze_trainable_modules", "freeze_extra_modules", "additional_target", mode="before"
     )(_split_list)
+
+    @model_validator(mode="after")
+    def _lora_options_need_lora(self) -> MethodSection:
+        lora_only = sorted(name for name in ("use_dora", "use_rslora") if getattr(self, name))
+        if lora_only and self.finetuning_type != "lora":
+            raise ValueError(f"{', '.join(lora_only)} needs finetuning_type: lora (got {self.finetuning_type})")
+        return self
 
     @field_validator("do_train")
     @classmethod
@@ -276,9 +320,30 @@ class TrainSection(Section):
     report_to: list[str] = Field(default_factory=lambda: ["none"], description="none, tensorboard, wandb, ...")
     dataloader_num_workers: int = Field(0, ge=0, description="Background processes feeding batches.")
     ddp_timeout: int = Field(1800, gt=0, description="Seconds a collective may wait before the job fails.")
-    deepspeed: str | None = planned(None, "DeepSpeed is on the roadmap")
-    fsdp: str | None = planned(None, "FSDP is on the roadmap")
-    nproc_per_node: int | None = planned(None, "multi-process training is on the roadmap")
+    deepspeed: str | None = Field(
+        None,
+        description="DeepSpeed JSON config: a path, or a shipped one: ds_z0, ds_z1, ds_z2, ds_z2_offload, ds_z3, "
+        "ds_z3_offload (tunesmith/distributed/configs). Use with nproc_per_node.",
+    )
+    # accelerate 1.15 applies FSDP only on GPUs: on CPU processes Trainer would silently run plain DDP instead.
+    fsdp: str | None = planned(None, "FSDP is on the roadmap; nproc_per_node runs DDP today")
+    nproc_per_node: int | None = Field(
+        None,
+        gt=0,
+        description="Processes on this node; more than 1 re-launches under torchrun (gloo on CPU). "
+        "Default: NPROC_PER_NODE, else one per visible GPU.",
+    )
+    nnodes: int | None = Field(None, gt=0, description="Machines in the job (default: NNODES, else 1).")
+    node_rank: int | None = Field(None, ge=0, description="This machine's index, 0 to nnodes-1 (default: NODE_RANK).")
+    master_addr: str | None = Field(
+        None, description="Address of node 0, the same on every node (default: MASTER_ADDR, else 127.0.0.1)."
+    )
+    master_port: int | None = Field(
+        None,
+        gt=0,
+        lt=65536,
+        description="Port on node 0 (default: MASTER_PORT, else a free port; 29500 with several nodes).",
+    )
     gradient_checkpointing: bool | str = planned("auto", "memory savers are on the roadmap")
     torch_compile: bool = planned(False, "torch.compile is on the roadmap")
 
@@ -295,6 +360,15 @@ class TrainSection(Section):
             if importlib.util.find_spec(LOGGER_PACKAGES[logger]) is None:
                 raise ValueError(f"{logger} is not installed; pip install {LOGGER_PACKAGES[logger]}, or use none")
         return value
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_config(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from tunesmith.distributed.deepspeed import resolve_deepspeed_config
+
+        return resolve_deepspeed_config(value)
 
     @model_validator(mode="after")
     def _one_precision(self) -> TrainSection:
@@ -326,6 +400,11 @@ class RunConfig(BaseModel):
     def _cross_checks(self) -> RunConfig:
         if self.method.stage == "sft" and not self.data.dataset:
             raise ValueError("`dataset` is empty: name a dataset from dataset_info.json or a .json/.jsonl file")
+        if self.model.quantization_bit is not None and self.method.finetuning_type != "lora":
+            raise ValueError(
+                f"`quantization_bit: {self.model.quantization_bit}` trains a LoRA adapter on frozen quantized weights; "
+                f"set finetuning_type: lora, or remove quantization_bit for {self.method.finetuning_type} training"
+            )
         if self.data.streaming and self.train.max_steps <= 0:
             raise ValueError("`streaming: true` needs `max_steps`: a streamed dataset has no length to count epochs by")
         return self

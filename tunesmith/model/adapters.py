@@ -34,7 +34,16 @@ def resolve_lora_targets(model: nn.Module, lora_target: list[str]) -> list[str]:
     return lora_target
 
 
-def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: int | None, dropout: float) -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    targets: list[str],
+    rank: int,
+    alpha: int | None,
+    dropout: float,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+) -> nn.Module:
+    """Wrap `model` in a peft LoRA adapter; rsLoRA scales by alpha/sqrt(r) instead of alpha/r, DoRA adds magnitudes."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -43,6 +52,8 @@ def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: int | Non
         lora_alpha=alpha if alpha is not None else 2 * rank,
         lora_dropout=dropout,
         target_modules=targets,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
     )
     return get_peft_model(model, config)
 

@@ -60,11 +60,21 @@ def load_chat_tokenizer(model_dir: str, template: str | None, trust_remote_code:
     return tokenizer, chat_format
 
 
-def load_model(model_dir: str, dtype: torch.dtype, trust_remote_code: bool = False):
+def load_model(model_dir: str, dtype: torch.dtype, trust_remote_code: bool = False, quantization=None):
+    """The model in `dtype`; with `quantization` (a BitsAndBytesConfig) its linear layers are quantized as they load."""
     from transformers import AutoModelForCausalLM
 
+    from tunesmith.model.quantize import prequantized_method, quantized_device_map
+
+    placement = {}
+    if quantization is not None:
+        placement["quantization_config"] = quantization
+    if quantization is not None or prequantized_method(model_dir) is not None:
+        placement["device_map"] = quantized_device_map()  # quantized weights are placed while loading
     try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **placement
+        )
     except OSError as error:
         raise ModelError(f"cannot load a model from {model_dir}: {error}") from None
     except ValueError as error:

@@ -1,4 +1,8 @@
-"""`tunesmith train CONFIG.yaml [key=value ...]`: validate the config, then run the recipe for its stage."""
+"""`tunesmith train CONFIG.yaml [key=value ...]`: validate the config, then run the recipe for its stage.
+
+When the run needs more than one process (see `tunesmith.distributed.launch`), this re-launches itself under
+torchrun as `-m tunesmith.train` with the same arguments; each launched process joins the process group first.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 
 from tunesmith.config import config_to_flat_dict, load_config
 from tunesmith.config.sections import SECTIONS
+from tunesmith.distributed import launch, process_group
 from tunesmith.errors import NotSupportedYet
 
 
@@ -26,6 +31,12 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(config_path, overrides)
     if config.method.stage != "sft":
         raise NotSupportedYet(f"`stage: {config.method.stage}` is not supported yet; only `stage: sft` is built so far")
+    plan = None if args.print_config else launch.plan_launch(config.train)
+    if plan is not None:  # the launched processes print the config and train
+        return launch.run_torchrun(plan.torchrun_command([a for a in (config_path, *overrides) if a is not None]))
+    in_torchrun = launch.launched_by_torchrun() and not args.print_config
+    if in_torchrun:
+        process_group.join(config)  # before any output: ranks other than 0 keep quiet from here
     print_config(config)
     if args.print_config:
         return 0
@@ -33,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from tunesmith.train.sft import run_sft
 
     result = run_sft(config)
+    if in_torchrun:
+        process_group.leave()
     return 130 if result.interrupted else 0
 
 

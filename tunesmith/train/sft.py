@@ -17,6 +17,7 @@ from tunesmith.config import SAVED_CONFIG_FILE, RunConfig, config_to_flat_dict
 from tunesmith.data.collate import PackedBatches, PadToLongest
 from tunesmith.data.dataset import load_sft_data
 from tunesmith.data.packing import pack_dataset
+from tunesmith.errors import ConfigError
 from tunesmith.model.adapters import (
     apply_freeze,
     apply_lora,
@@ -25,6 +26,7 @@ from tunesmith.model.adapters import (
     resolve_lora_targets,
 )
 from tunesmith.model.load import choose_precision, load_chat_tokenizer, load_model
+from tunesmith.model.quantize import check_cpu_4bit_shapes, prepare_for_kbit_training, quantization_for
 from tunesmith.model.resolve import resolve_model
 from tunesmith.train import callbacks
 from tunesmith.train.checkpoints import prepare_output_dir, run_fingerprint, write_fingerprint
@@ -71,7 +73,15 @@ def run_sft(config: RunConfig) -> TrainResult:
         data = replace(data, train=packed_train, eval=packed_eval)
         print(stats.summary())
 
-    model = load_model(model_dir, precision.dtype, config.model.trust_remote_code)
+    model_section = config.model
+    quantization = quantization_for(
+        model_dir,
+        model_section.quantization_bit,
+        model_section.quantization_type,
+        model_section.double_quantization,
+        compute_dtype=precision.dtype,  # bfloat16 on a GPU that has it, else float32
+    )
+    model = load_model(model_dir, precision.dtype, model_section.trust_remote_code, quantization)
     model = apply_method(model, config)
     trainable, total = count_parameters(model)
     print(
@@ -107,8 +117,25 @@ def run_sft(config: RunConfig) -> TrainResult:
 def apply_method(model, config: RunConfig):
     method = config.method
     if method.finetuning_type == "lora":
+        if getattr(model, "is_quantized", False):  # QLoRA / 8-bit LoRA, or a GPTQ/AWQ model
+            if config.model.quantization_bit == 4:
+                check_cpu_4bit_shapes(model)
+            model = prepare_for_kbit_training(model)
         targets = resolve_lora_targets(model, method.lora_target)
-        return apply_lora(model, targets, method.lora_rank, method.lora_alpha, method.lora_dropout)
+        return apply_lora(
+            model,
+            targets,
+            method.lora_rank,
+            method.lora_alpha,
+            method.lora_dropout,
+            use_rslora=method.use_rslora,
+            use_dora=method.use_dora,
+        )
+    if getattr(model, "is_quantized", False):
+        raise ConfigError(
+            f"this model is stored quantized, so its weights cannot be trained directly; use finetuning_type: lora "
+            f"(not {method.finetuning_type}), or the unquantized model"
+        )
     if method.finetuning_type == "freeze":
         return apply_freeze(
             model, method.freeze_trainable_layers, method.freeze_trainable_modules, method.freeze_extra_modules
@@ -153,12 +180,18 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
         report_to=[] if train.report_to == ["none"] else train.report_to,
         dataloader_num_workers=train.dataloader_num_workers,
         ddp_timeout=train.ddp_timeout,
+        # several CPU processes (a group joined before the recipe runs) talk over gloo
+        ddp_backend="gloo" if torch.distributed.is_initialized() and not torch.cuda.is_available() else None,
+        deepspeed=train.deepspeed,  # a JSON path, checked in TrainSection; "auto" values come from these arguments
         # A packed batch has a 4D mask (or none), which Trainer cannot count real tokens from: count every position.
         include_num_input_tokens_seen="all" if packing else "non_padding",
         remove_unused_columns=False,
         disable_tqdm=True,  # our ProgressBar replaces the default bar and the printed log dicts
     )
-    trainer = Trainer(
+    from tunesmith.train.loss import ChunkedLossTrainer
+
+    trainer_class = ChunkedLossTrainer if config.method.chunked_loss else Trainer
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=data.train,
