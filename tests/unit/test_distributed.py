@@ -203,3 +203,28 @@ def test_deepspeed_config_without_clipping_or_offload_optimizer_is_refused(tmp_p
         train_section(f"deepspeed={offload}")
     with pytest.raises(ConfigError, match="ds_z0, ds_z1"):
         train_section("deepspeed=ds_z9")
+
+
+def test_ctrl_c_stops_both_processes_at_the_same_step_with_a_checkpoint(tmp_path, tiny_model_dir, identity_data):
+    import signal
+
+    output = tmp_path / "out"
+    args = train_args(
+        tmp_path, tiny_model_dir, identity_data, "max_steps=100000", "save_steps=100000", "nproc_per_node=2"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tunesmith", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while not (output / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the job gets it
+    log, _ = process.communicate(timeout=180)
+    assert process.returncode == 130, log[-3000:]
+    checkpoints = list(output.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file(), log[-3000:]

@@ -198,6 +198,11 @@ class DataSection(Section):
             raise ValueError("must be a fraction below 1 (0.1) or a whole number of rows (100)")
         return value
 
+    @property
+    def packs(self) -> bool:
+        """Whether examples are packed: `neat_packing` is LLaMA-Factory's name for the same packing."""
+        return self.packing or self.neat_packing
+
 
 class MethodSection(Section):
     stage: Literal["sft", "pt", "rm", "ppo", "dpo", "kto", "orpo", "simpo"] = Field(

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
@@ -119,9 +120,21 @@ class SaveOnInterrupt(TrainerCallback):
         print("\nInterrupted: saving a checkpoint after this step (Ctrl-C again to stop without saving) ...")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.interrupted:
+        if self._any_rank_interrupted():
+            self.interrupted = True
             control.should_save = True
             control.should_training_stop = True
+
+    def _any_rank_interrupted(self) -> bool:
+        """Ranks may see Ctrl-C at different steps; all stop at the same one, or the next collective would hang."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.interrupted
+        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([int(self.interrupted)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.previous_handler is not None:

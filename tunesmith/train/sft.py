@@ -66,7 +66,7 @@ def run_sft(config: RunConfig) -> TrainResult:
         max_steps=config.train.max_steps,
     )
     print(data.summary())
-    if config.data.packing or config.data.neat_packing:
+    if config.data.packs:
         cutoff_len, seed = config.data.cutoff_len, config.train.seed
         packed_train, stats = pack_dataset(data.train, cutoff_len, seed)
         packed_eval = None if data.eval is None else pack_dataset(data.eval, cutoff_len, seed)[0]
@@ -148,7 +148,7 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
 
     train = config.train
     evaluate = data.eval is not None
-    packing = config.data.packing or config.data.neat_packing
+    packing = config.data.packs
     eval_strategy = train.eval_strategy or ("steps" if evaluate else "no")
     args = TrainingArguments(
         output_dir=config.output.output_dir,
