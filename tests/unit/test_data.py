@@ -28,7 +28,7 @@ def tokenizer(tiny_model_dir):
 
 def load(tokenizer, tmp_path: Path, *overrides: str, stage: str = "sft", seed: int = 0, **options):
     """load_data with a config from `key=value` overrides and a cache inside tmp_path."""
-    max_steps = [f"max_steps={options['max_steps']}"] if "max_steps" in options else []
+    max_steps = [f"max_steps={options.pop('max_steps')}"] if "max_steps" in options else []
     config = load_config(None, [*overrides, *max_steps]).data
     options.setdefault("cache_dir", str(tmp_path / "cache"))
     return load_data(config, tokenizer, tokenizer.chat_template, stage=stage, seed=seed, **options)

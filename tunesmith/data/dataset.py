@@ -7,9 +7,9 @@ and eval rows are held out (`val_size`) or read from `eval_dataset`.
 
 The training order is the Trainer's: it shuffles the train set every epoch with the run's seed. With
 `streaming: true` nothing is read ahead: rows are read, converted and encoded while training consumes them
-(a `datasets.IterableDataset`, shuffled here in a buffer of `buffer_size` rows). There is no cache then, the train
-set has no length (so `max_steps` is required), and the eval rows (`val_size`, a count) are the first rows of the
-datasets in `dataset` order, taken out before mixing and shuffling so that they never reach training.
+(a `datasets.IterableDataset`, shuffled here in a buffer of `buffer_size` rows). There is no cache then, the
+train set has no length (so the config requires `max_steps`), and the eval rows (`val_size`, a count) are the first
+rows of the datasets in `dataset` order, taken out before mixing and shuffling so that they never reach training.
 """
 
 from __future__ import annotations
@@ -86,15 +86,10 @@ def load_data(
     stage: str = "sft",
     seed: int = 42,
     cache_dir: str | None = None,
-    max_steps: int = -1,
 ) -> TokenizedData:
     """The datasets of `data`, tokenized for `stage` with this tokenizer and Jinja chat template."""
     if stage not in STAGES:
         raise NotSupportedYet(f"stage {stage!r} has no data step yet; the data step knows {', '.join(STAGES)}")
-    if data.streaming and max_steps <= 0:
-        raise ConfigError(
-            "`streaming: true` needs `max_steps`: a streamed dataset has no length, so epochs cannot be counted"
-        )
     if data.tokenized_path and Path(data.tokenized_path).exists():
         return _load_tokenized(Path(data.tokenized_path), stage)
     step = DataStep(data, tokenizer, chat_template, stage, seed, cache_root(cache_dir))
@@ -128,7 +123,7 @@ def load_data(
 
 
 def load_sft_data(data: DataSection, tokenizer, chat_template: str, seed: int, **options: Any) -> TokenizedData:
-    """`load_data` for supervised fine-tuning (`options`: cache_dir, max_steps)."""
+    """`load_data` for supervised fine-tuning (`options`: cache_dir)."""
     return load_data(data, tokenizer, chat_template, stage="sft", seed=seed, **options)
 
 

@@ -63,7 +63,6 @@ def run_sft(config: RunConfig) -> TrainResult:
         chat_format.jinja,
         config.train.seed,
         cache_dir=config.model.cache_dir,
-        max_steps=config.train.max_steps,
     )
     print(data.summary())
     if config.data.packs:
