@@ -406,3 +406,12 @@ def test_a_template_that_renders_tool_calls_gets_them_as_tool_calls(tokenizer, t
     assert "<tools>" in tokenizer.decode(ids)  # the definitions, in qwen's tool prompt
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     assert trained_text(tokenizer, ids, labels) == f"{call}{END}It is 20 C.{END}"
+
+
+def test_dataset_cache_lives_next_to_the_converted_models(monkeypatch, tmp_path: Path):
+    from tunesmith.data.cache import cache_root as dataset_cache
+    from tunesmith.model.resolve import cache_root as model_cache
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "moved"))
+    assert dataset_cache(None) == model_cache() / "datasets" == tmp_path / "moved" / "datasets"
+    assert dataset_cache(str(tmp_path / "cfg")) == tmp_path / "cfg" / "datasets"

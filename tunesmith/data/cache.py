@@ -22,14 +22,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tunesmith.model.resolve import cache_root as tunesmith_cache
+
 META_FILE = "tunesmith_cache.json"
 CACHE_FORMAT = 1  # bump when the layout of an entry changes
 
 
 def cache_root(cache_dir: str | None) -> Path:
-    """`<cache_dir>/datasets`, by default `~/.cache/tunesmith/datasets` (next to the converted models)."""
-    base = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "tunesmith"
-    return base / "datasets"
+    """`datasets/` in tunesmith's cache folder, next to the converted models (`model.resolve.cache_root`)."""
+    return tunesmith_cache(cache_dir) / "datasets"
 
 
 def entry_path(root: Path, name: str, key: str) -> Path:
