@@ -47,6 +47,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def wide_tiny_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model with layers 64 wide: bitsandbytes quantizes (and 8-bit Adam compresses) only larger blocks."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
+    target = tmp_path_factory.mktemp("tiny-llama-64")
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(target)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
+    return target
+
+
 @pytest.fixture
 def identity_data(tmp_path) -> Path:
     """A dataset_dir with LLaMA-Factory's identity.json and alpaca_en_demo.json and their registry."""
@@ -58,3 +73,8 @@ def identity_data(tmp_path) -> Path:
 def write_rows(path: Path, rows: list[dict]) -> Path:
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n", encoding="utf-8")
     return path
+
+
+def logged_losses(output: Path) -> list[float]:
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in records if "loss" in record]

@@ -92,10 +92,7 @@ def test_bad_value_names_field_value_and_valid_choices():
         load_config(None, ["dataset=x", "lora_rank=0"])
 
 
-@pytest.mark.parametrize(
-    ("override", "feature"),
-    [("fsdp=full_shard", "FSDP"), ("use_unsloth=true", "Unsloth")],
-)
+@pytest.mark.parametrize(("override", "feature"), [("rope_scaling=linear", "RoPE scaling"), ("do_train=false", "do_train")])
 def test_later_features_are_refused_not_ignored(override, feature):
     with pytest.raises(NotSupportedYet, match=feature):
         load_config(None, ["dataset=x", override])

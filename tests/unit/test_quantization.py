@@ -5,28 +5,15 @@ bitsandbytes' CPU 4-bit kernels need layers at least 64 wide, so these runs use 
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import logged_losses
 from tests.unit.test_train import train_args
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.errors import ConfigError, ModelError
-
-
-@pytest.fixture(scope="module")
-def wide_tiny_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
-    target = tmp_path_factory.mktemp("tiny-llama-64")
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(target)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
-    return target
 
 
 def run_keeping_model(monkeypatch, args: list[str]):
@@ -43,11 +30,6 @@ def run_keeping_model(monkeypatch, args: list[str]):
     monkeypatch.setattr(sft, "save_outputs", keep_trainer)
     assert main(args) == 0
     return kept["model"]
-
-
-def logged_losses(output: Path) -> list[float]:
-    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    return [record["loss"] for record in records if "loss" in record]
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,12 @@ ALIASES: dict[str, str] = {
     "prompt_template_name": "template",
     "max_seq_len": "cutoff_len",
     "evaluation_strategy": "eval_strategy",
+    "modules_to_save": "additional_target",  # peft's name
+    "enable_activation_checkpointing": "gradient_checkpointing",  # torchtune
 }
+
+# Keys that say the opposite of ours: LLaMA-Factory turns checkpointing on unless `disable_gradient_checkpointing`.
+NEGATED_ALIASES: dict[str, str] = {"disable_gradient_checkpointing": "gradient_checkpointing"}
 
 # Keys that change nothing in tunesmith but appear in copied files; accepted and dropped with a notice.
 IGNORED_KEYS: dict[str, str] = {
@@ -96,25 +101,29 @@ def flatten(raw: Mapping[str, Any]) -> dict[str, Any]:
         key = str(key)
         if key in SECTIONS and isinstance(value, Mapping):
             for inner_key, inner_value in value.items():
-                flat[_canonical(str(inner_key), section=key)] = inner_value
+                flat[_canonical(str(inner_key), section=key)] = _value(str(inner_key), inner_value)
             continue
         section, dot, inner_key = key.partition(".")
         if dot and section in SECTIONS:
-            flat[_canonical(inner_key, section=section)] = value
+            flat[_canonical(inner_key, section=section)] = _value(inner_key, value)
         else:
-            flat[_canonical(key)] = value
+            flat[_canonical(key)] = _value(key, value)
     return flat
 
 
+def _value(key: str, value: Any) -> Any:
+    return not value if key in NEGATED_ALIASES and isinstance(value, bool) else value
+
+
 def _canonical(key: str, section: str | None = None) -> str:
-    key = ALIASES.get(key, key)
+    key = ALIASES.get(key, NEGATED_ALIASES.get(key, key))
     if section is not None and KEY_TO_SECTION.get(key, section) != section:
         raise ConfigError(f"`{section}.{key}`: {key} belongs to section `{KEY_TO_SECTION[key]}`, not `{section}`")
     return key
 
 
 def suggest(key: str) -> str:
-    candidates = difflib.get_close_matches(key, [*KEY_TO_SECTION, *ALIASES], n=3, cutoff=0.6)
+    candidates = difflib.get_close_matches(key, [*KEY_TO_SECTION, *ALIASES, *NEGATED_ALIASES], n=3, cutoff=0.6)
     return (
         f"; did you mean {', '.join(candidates)}?" if candidates else "; `tunesmith train --help-keys` lists every key"
     )

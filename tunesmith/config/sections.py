@@ -8,6 +8,8 @@ come are accepted and type-checked now, and refused with a clear "not supported 
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -69,9 +71,19 @@ class ModelSection(Section):
     double_quantization: bool = Field(
         True, description="quantization_bit: 4: also quantize the quantization constants (saves ~0.4 bit/weight)."
     )
-    flash_attn: str = planned("auto", "attention kernels are on the roadmap")
-    enable_liger_kernel: bool = planned(False, "Liger kernels are on the roadmap")
-    use_unsloth: bool = planned(False, "Unsloth is on the roadmap")
+    flash_attn: Literal["auto", "fa2", "sdpa", "eager", "disabled"] = Field(
+        "auto",
+        description="Attention kernel: auto (FlashAttention-2 on a GPU in bf16/fp16 when flash-attn is installed, "
+        "else PyTorch's sdpa), fa2, sdpa, or eager (disabled = eager, LLaMA-Factory's name).",
+    )
+    enable_liger_kernel: bool = Field(
+        False,
+        description="Liger's Triton kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); needs a CUDA GPU "
+        "and pip install liger-kernel.",
+    )
+    use_unsloth: bool = Field(
+        False, description="Load and patch the model with Unsloth; needs an NVIDIA GPU and pip install unsloth."
+    )
     rope_scaling: str | None = planned(None, "RoPE scaling is not built yet")
 
     @model_validator(mode="after")
@@ -238,21 +250,76 @@ class MethodSection(Section):
         description="Compute the loss only at supervised positions, a chunk of tokens at a time, so the full "
         "[batch, seq, vocab] logits are never held (same value as the model's own loss); false: the model's loss.",
     )
-    pissa_init: bool = planned(False, "PiSSA is on the roadmap")
-    loraplus_lr_ratio: float | None = planned(None, "LoRA+ is on the roadmap")
-    additional_target: list[str] = planned([], "additional_target is on the roadmap")
-    neftune_noise_alpha: float | None = planned(None, "NEFTune is on the roadmap")
+    pissa_init: bool = Field(
+        False,
+        description="PiSSA: start LoRA from the weight's principal singular vectors (faster convergence); the saved "
+        "adapter is converted so that it applies to the original base model (peft).",
+    )
+    pissa_iter: int = Field(
+        16, ge=-1, description="pissa_init: fast-SVD iterations (-1: exact SVD, slow on large layers)."
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: the B matrices learn this many times faster than A (16 is typical)."
+    )
+    loraplus_lr_embedding: float = Field(1e-6, gt=0, description="LoRA+: learning rate of LoRA embedding layers.")
+    additional_target: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (peft modules_to_save), e.g. "
+        "embed_tokens,lm_head after adding tokens.",
+    )
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: add uniform noise of this scale to the input embeddings while training."
+    )
+    use_galore: bool = Field(
+        False,
+        description="GaLore: full fine-tuning with gradients projected to a low rank in the optimizer "
+        "(pip install galore-torch); the optimizer is galore_ + optim.",
+    )
+    galore_target: list[str] = Field(
+        default_factory=lambda: ["all"], description="use_galore: linear layer names to project, or all."
+    )
+    galore_rank: int = Field(16, gt=0, description="use_galore: rank of the gradient projection.")
+    galore_update_interval: int = Field(200, gt=0, description="use_galore: steps between projection updates.")
+    galore_scale: float = Field(2.0, gt=0, description="use_galore: scale of the projected update.")
+    galore_proj_type: Literal["std", "reverse_std", "right", "left", "full"] = Field(
+        "std", description="use_galore: which side of the gradient is projected."
+    )
+    galore_layerwise: bool = Field(
+        False, description="use_galore: update layer by layer during backward (less memory; no accumulation)."
+    )
 
     _split_lists = field_validator(
-        "lora_target", "freeze_trainable_modules", "freeze_extra_modules", "additional_target", mode="before"
+        "lora_target",
+        "freeze_trainable_modules",
+        "freeze_extra_modules",
+        "additional_target",
+        "galore_target",
+        mode="before",
     )(_split_list)
 
     @model_validator(mode="after")
     def _lora_options_need_lora(self) -> MethodSection:
-        lora_only = sorted(name for name in ("use_dora", "use_rslora") if getattr(self, name))
+        lora_only = sorted(
+            name
+            for name in ("use_dora", "use_rslora", "pissa_init", "loraplus_lr_ratio", "additional_target")
+            if getattr(self, name)
+        )
         if lora_only and self.finetuning_type != "lora":
             raise ValueError(f"{', '.join(lora_only)} needs finetuning_type: lora (got {self.finetuning_type})")
+        if self.use_galore and self.finetuning_type == "lora":
+            raise ValueError(
+                "use_galore projects the gradients of full weights; use finetuning_type: full or freeze, not lora"
+            )
+        if self.pissa_init and self.use_dora:
+            raise ValueError("pissa_init and use_dora are two different LoRA initialisations; choose one")
         return self
+
+    @field_validator("use_galore")
+    @classmethod
+    def _galore_installed(cls, value: bool) -> bool:
+        if value and importlib.util.find_spec("galore_torch") is None:
+            raise ValueError("GaLore needs its library: pip install galore-torch")
+        return value
 
     @field_validator("do_train")
     @classmethod
@@ -303,8 +370,20 @@ class TrainSection(Section):
     warmup_ratio: float = Field(
         0.0, ge=0, lt=1, description="Warm-up as a fraction of all steps (wins over warmup_steps)."
     )
-    optim: Literal["adamw_torch", "adamw_torch_fused", "sgd", "adafactor"] = Field(
-        "adamw_torch", description="Optimizer."
+    optim: Literal[
+        "adamw_torch",
+        "adamw_torch_fused",
+        "adamw_8bit",
+        "adamw_bnb_8bit",
+        "paged_adamw_8bit",
+        "paged_adamw_32bit",
+        "sgd",
+        "adafactor",
+    ] = Field(
+        "adamw_torch",
+        description="Optimizer: adamw_torch, adamw_torch_fused, adamw_8bit (bitsandbytes; optimizer state in 8 "
+        "bits, 1/4 of the memory), paged_adamw_8bit / paged_adamw_32bit (state pages out to CPU RAM on a GPU), "
+        "sgd, adafactor.",
     )
     seed: int = Field(42, description="Seed for shuffling, initialisation and dropout.")
     bf16: bool = Field(
@@ -330,8 +409,22 @@ class TrainSection(Section):
         description="DeepSpeed JSON config: a path, or a shipped one: ds_z0, ds_z1, ds_z2, ds_z2_offload, ds_z3, "
         "ds_z3_offload (tunesmith/distributed/configs). Use with nproc_per_node.",
     )
-    # accelerate 1.15 applies FSDP only on GPUs: on CPU processes Trainer would silently run plain DDP instead.
-    fsdp: str | None = planned(None, "FSDP is on the roadmap; nproc_per_node runs DDP today")
+    fsdp: Literal["full_shard", "shard_grad_op", "no_shard"] | None = Field(
+        None,
+        description="Shard the model over the processes with FSDP2 (tunesmith/distributed/fsdp.py): full_shard "
+        "(parameters, gradients, optimizer state; like ZeRO-3), shard_grad_op (gradients and optimizer state; "
+        "ZeRO-2) or no_shard (that is DDP). Transformers' spellings work: `full_shard auto_wrap`, `full_shard "
+        "offload`, true. Always runs under torchrun (gloo on CPU); use with nproc_per_node.",
+    )
+    fsdp_offload: bool = Field(
+        False, description="fsdp: keep parameters, gradients and optimizer state in CPU memory (`fsdp: ... offload`)."
+    )
+    fsdp_config: dict[str, Any] | None = Field(
+        None,
+        description="fsdp: settings as a mapping or a JSON/YAML path, transformers' keys with or without `fsdp_`: "
+        "transformer_layer_cls_to_wrap, auto_wrap_policy, min_num_params, state_dict_type (checkpoints), "
+        "cpu_ram_efficient_loading, activation_checkpointing, version (2).",
+    )
     nproc_per_node: int | None = Field(
         None,
         gt=0,
@@ -349,8 +442,16 @@ class TrainSection(Section):
         lt=65536,
         description="Port on node 0 (default: MASTER_PORT, else a free port; 29500 with several nodes).",
     )
-    gradient_checkpointing: bool | str = planned("auto", "memory savers are on the roadmap")
-    torch_compile: bool = planned(False, "torch.compile is on the roadmap")
+    gradient_checkpointing: Literal["auto", "offload"] | bool = Field(
+        "auto",
+        description="Recompute activations in the backward pass instead of keeping them (less memory, ~1/3 more "
+        "compute): true, false, offload (also keep the checkpoints in CPU RAM), or auto: on only when the memory "
+        "estimate says the run would not fit without it.",
+    )
+    torch_empty_cache_steps: int | None = Field(
+        None, gt=0, description="Return cached GPU memory to the driver every N steps (slower; less fragmentation)."
+    )
+    torch_compile: bool = Field(False, description="Compile the model with torch.compile (slow first steps).")
 
     _split_report_to = field_validator("report_to", mode="before")(_split_list)
 
@@ -366,6 +467,16 @@ class TrainSection(Section):
                 raise ValueError(f"{logger} is not installed; pip install {LOGGER_PACKAGES[logger]}, or use none")
         return value
 
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_choice(cls, value: Any) -> Any:
+        choices = {"auto": "auto", "offload": "offload", "true": True, "false": False}
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in choices:
+            return choices[value.lower()]
+        raise ValueError("expected auto, true, false or offload")
+
     @field_validator("deepspeed")
     @classmethod
     def _deepspeed_config(cls, value: str | None) -> str | None:
@@ -379,6 +490,40 @@ class TrainSection(Section):
     def _one_precision(self) -> TrainSection:
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both true; choose one")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fsdp_spellings(cls, values: Any) -> Any:
+        """`fsdp: "full_shard auto_wrap"` / `full_shard offload` / true, and fsdp_config's strategy keys → the
+        typed `fsdp`, `fsdp_offload` and a checked `fsdp_config`."""
+        if not isinstance(values, dict) or ("fsdp" not in values and "fsdp_config" not in values):
+            return values
+        from tunesmith.distributed import fsdp
+
+        values = dict(values)
+        on, strategy, offload = fsdp.parse_fsdp(values.get("fsdp"))
+        config = fsdp.read_fsdp_config(values["fsdp_config"]) if values.get("fsdp_config") is not None else None
+        if not on:
+            if config:
+                raise ValueError("`fsdp_config` is set but `fsdp` is not; set fsdp: full_shard (or shard_grad_op)")
+            return {**values, "fsdp": None}
+        strategy, offload, config = fsdp.fold_strategy_keys(strategy, offload, config or {})
+        values.update(
+            fsdp=strategy,
+            fsdp_offload=bool(values.get("fsdp_offload")) or offload,
+            fsdp_config=fsdp.check_fsdp_config(config) or None,
+        )
+        return values
+
+    @model_validator(mode="after")
+    def _fsdp_alone(self) -> TrainSection:
+        if self.fsdp and self.deepspeed:
+            raise ValueError(
+                f"`fsdp: {self.fsdp}` and `deepspeed` both shard the model; choose one (remove fsdp or deepspeed)"
+            )
+        if self.fsdp_offload and not self.fsdp:
+            raise ValueError("`fsdp_offload` needs fsdp: full_shard or shard_grad_op")
         return self
 
 
@@ -410,9 +555,43 @@ class RunConfig(BaseModel):
                 f"`quantization_bit: {self.model.quantization_bit}` trains a LoRA adapter on frozen quantized weights; "
                 f"set finetuning_type: lora, or remove quantization_bit for {self.method.finetuning_type} training"
             )
+        if self.train.fsdp and self.model.quantization_bit == 8:
+            raise ValueError(
+                "`fsdp` cannot shard bitsandbytes 8-bit weights; use quantization_bit: 4 (QLoRA, which FSDP shards) "
+                "or deepspeed instead of fsdp"
+            )
         if self.data.streaming and self.train.max_steps <= 0:
             raise ValueError("`streaming: true` needs `max_steps`: a streamed dataset has no length to count epochs by")
+        if self.method.pissa_init and self.model.quantization_bit is not None:
+            raise ValueError(
+                "pissa_init moves the principal part of each weight into the adapter, which needs the weights "
+                "unquantized; remove quantization_bit or pissa_init"
+            )
+        if self.train.deepspeed:
+            self._optimizer_settings_reach_deepspeed()
         return self
+
+    def _optimizer_settings_reach_deepspeed(self) -> None:
+        deepspeed = json.loads(Path(self.train.deepspeed).read_text())
+        ours = [
+            f"{name}: {value}"
+            for name, value, default in (
+                ("optim", self.train.optim, "adamw_torch"),
+                ("loraplus_lr_ratio", self.method.loraplus_lr_ratio, None),
+                ("use_galore", self.method.use_galore, False),
+            )
+            if value != default
+        ]
+        if ours and "optimizer" in deepspeed:
+            raise ValueError(
+                f"{self.train.deepspeed} names its own optimizer, which DeepSpeed would use instead of "
+                f'{", ".join(ours)}; remove its "optimizer" block (not possible with CPU offload) or those keys'
+            )
+        if self.method.pissa_init and deepspeed.get("zero_optimization", {}).get("stage") == 3:
+            raise ValueError(
+                "pissa_init converts the adapter at save time, which needs whole weights: not under ZeRO-3; "
+                "use ZeRO-2 or remove pissa_init"
+            )
 
 
 SECTIONS: dict[str, type[Section]] = {name: field.annotation for name, field in RunConfig.model_fields.items()}

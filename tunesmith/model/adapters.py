@@ -42,10 +42,31 @@ def apply_lora(
     dropout: float,
     use_rslora: bool = False,
     use_dora: bool = False,
+    pissa_iter: int | None = None,
+    modules_to_save: list[str] | None = None,
 ) -> nn.Module:
-    """Wrap `model` in a peft LoRA adapter; rsLoRA scales by alpha/sqrt(r) instead of alpha/r, DoRA adds magnitudes."""
+    """Wrap `model` in a peft LoRA adapter.
+
+    rsLoRA scales by alpha/sqrt(r) instead of alpha/r; DoRA adds magnitudes; `pissa_iter` (not None) starts A and B
+    from the principal singular vectors, by fast SVD with that many iterations (-1: exact SVD), and leaves the
+    residual in the base weights; `modules_to_save` are trained in full and saved with the adapter.
+    """
     from peft import LoraConfig, get_peft_model
 
+    init: bool | str = True
+    if pissa_iter is not None:
+        init = "pissa" if pissa_iter == -1 else f"pissa_niter_{pissa_iter}"
+    if modules_to_save:
+        short_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+        missing = [name for name in modules_to_save if name not in short_names]
+        if missing:
+            outside_layers = sorted(
+                {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name and ".layers" not in name}
+            )
+            raise ConfigError(
+                f"`additional_target`: {', '.join(missing)} is not a module of this model; modules outside the "
+                f"decoder layers are: {', '.join(outside_layers)}"
+            )
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=rank,
@@ -54,6 +75,8 @@ def apply_lora(
         target_modules=targets,
         use_rslora=use_rslora,
         use_dora=use_dora,
+        init_lora_weights=init,
+        modules_to_save=modules_to_save or None,
     )
     return get_peft_model(model, config)
 

@@ -60,20 +60,31 @@ def load_chat_tokenizer(model_dir: str, template: str | None, trust_remote_code:
     return tokenizer, chat_format
 
 
-def load_model(model_dir: str, dtype: torch.dtype, trust_remote_code: bool = False, quantization=None):
-    """The model in `dtype`; with `quantization` (a BitsAndBytesConfig) its linear layers are quantized as they load."""
+def load_model(
+    model_dir: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    quantization=None,
+    attn_implementation: str | None = None,
+):
+    """The model in `dtype`; with `quantization` (a BitsAndBytesConfig) its linear layers are quantized as they load.
+
+    `attn_implementation` is transformers' name of the attention kernel (sdpa, eager, flash_attention_2); None lets
+    transformers choose."""
     from transformers import AutoModelForCausalLM
 
     from tunesmith.model.quantize import prequantized_method, quantized_device_map
 
-    placement = {}
+    load_options = {}
+    if attn_implementation is not None:
+        load_options["attn_implementation"] = attn_implementation
     if quantization is not None:
-        placement["quantization_config"] = quantization
+        load_options["quantization_config"] = quantization
     if quantization is not None or prequantized_method(model_dir) is not None:
-        placement["device_map"] = quantized_device_map()  # quantized weights are placed while loading
+        load_options["device_map"] = quantized_device_map()  # quantized weights are placed while loading
     try:
         return AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **placement
+            model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **load_options
         )
     except OSError as error:
         raise ModelError(f"cannot load a model from {model_dir}: {error}") from None

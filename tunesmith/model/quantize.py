@@ -22,7 +22,11 @@ PREQUANTIZED_PACKAGES = {"gptq": ["optimum", "gptqmodel"], "awq": ["gptqmodel", 
 BNB_BLOCKSIZE = 64  # bitsandbytes' 4-bit block size; its CPU kernels need each input dimension to be at least this
 
 
-def bitsandbytes_config(bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype):
+def bitsandbytes_config(
+    bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None
+):
+    """`quant_storage`: the dtype packed 4-bit weights are stored in (default uint8). FSDP shards them only when it
+    is the floating dtype of the other parameters (FSDP + QLoRA)."""
     from transformers import BitsAndBytesConfig
 
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -34,6 +38,7 @@ def bitsandbytes_config(bits: int, quant_type: str, double_quant: bool, compute_
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
 
 
@@ -96,7 +101,14 @@ def prepare_for_kbit_training(model):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def quantization_for(model_dir: str, bits: int | None, quant_type: str, double_quant: bool, compute_dtype: torch.dtype):
+def quantization_for(
+    model_dir: str,
+    bits: int | None,
+    quant_type: str,
+    double_quant: bool,
+    compute_dtype: torch.dtype,
+    quant_storage: torch.dtype | None = None,
+):
     """The BitsAndBytesConfig to load `model_dir` with, or None (no quantization, or already quantized on disk)."""
     existing = prequantized_method(model_dir)
     if existing is not None:
@@ -108,4 +120,4 @@ def quantization_for(model_dir: str, bits: int | None, quant_type: str, double_q
         return None
     if bits is None:
         return None
-    return bitsandbytes_config(bits, quant_type, double_quant, compute_dtype)
+    return bitsandbytes_config(bits, quant_type, double_quant, compute_dtype, quant_storage)

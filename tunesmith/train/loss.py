@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import Trainer
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
@@ -83,31 +82,3 @@ def chunked_causal_lm_loss(
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
-
-
-class ChunkedLossTrainer(Trainer):
-    """Trainer whose training loss is `chunked_causal_lm_loss`; everything else (eval outputs too) is Trainer's."""
-
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    _fallback_noted: bool = False
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or "labels" not in inputs:  # evaluation outputs need the logits
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # A DDP/FSDP/DataParallel wrapper must run its own forward, so its model computes the loss itself for now.
-        wrapped = self.accelerator.unwrap_model(model) is not model
-        custom = self.label_smoother is not None or self.compute_loss_func is not None
-        if wrapped or custom or causal_lm_parts(model) is None:
-            if not self._fallback_noted and self.is_world_process_zero():
-                reason = "the model is wrapped for multi-process training" if wrapped else "of this model or setting"
-                print(f"note: chunked_loss is not used because {reason}; the model computes the loss itself")
-            self._fallback_noted = True
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # Trainer hands num_items_in_batch to the model only when the model takes it; mirror that exactly.
-        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
-        loss = chunked_causal_lm_loss(model, inputs, items, self.chunk_size)
-        # Same scaling as Trainer.compute_loss: the gradient all-reduce averages over processes, so the sum over
-        # the global batch's tokens needs the process count put back.
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        return loss

@@ -7,6 +7,7 @@ checks and outputs around it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,19 +18,32 @@ from tunesmith.config import SAVED_CONFIG_FILE, RunConfig, config_to_flat_dict
 from tunesmith.data.collate import PackedBatches, PadToLongest
 from tunesmith.data.dataset import load_sft_data
 from tunesmith.data.packing import pack_dataset
+from tunesmith.distributed import deepspeed, fsdp
 from tunesmith.errors import ConfigError
 from tunesmith.model.adapters import (
     apply_freeze,
     apply_lora,
     check_adapter_weights,
     count_parameters,
+    linear_layer_names,
     resolve_lora_targets,
+)
+from tunesmith.model.kernels import (
+    apply_unsloth_lora,
+    check_liger,
+    check_unsloth,
+    choose_attention,
+    load_with_unsloth,
 )
 from tunesmith.model.load import choose_precision, load_chat_tokenizer, load_model
 from tunesmith.model.quantize import check_cpu_4bit_shapes, prepare_for_kbit_training, quantization_for
 from tunesmith.model.resolve import resolve_model
+from tunesmith.patches import apply_fsdp_on_cpu_processes
 from tunesmith.train import callbacks
 from tunesmith.train.checkpoints import prepare_output_dir, run_fingerprint, write_fingerprint
+from tunesmith.train.trainer import TunesmithTrainer
+
+PISSA_INIT_DIR = "pissa_init"  # the adapter as initialised, which the final PiSSA adapter is converted against
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,7 @@ def run_sft(config: RunConfig) -> TrainResult:
     precision = choose_precision(config.train.bf16, config.train.fp16)
     if precision.note:
         print(f"note: {precision.note}")
+    attention = check_speed_paths(config, precision.dtype)  # a GPU-only key fails here, before any loading
 
     model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
     tokenizer, chat_format = load_chat_tokenizer(model_dir, config.data.template, config.model.trust_remote_code)
@@ -79,20 +94,31 @@ def run_sft(config: RunConfig) -> TrainResult:
         model_section.quantization_type,
         model_section.double_quantization,
         compute_dtype=precision.dtype,  # bfloat16 on a GPU that has it, else float32
+        # FSDP shards 4-bit weights only when they are stored in the dtype of the other parameters
+        quant_storage=precision.dtype if config.train.fsdp in ("full_shard", "shard_grad_op") else None,
     )
-    model = load_model(model_dir, precision.dtype, model_section.trust_remote_code, quantization)
+    checkpointing = choose_gradient_checkpointing(config, model_dir)
+    if model_section.use_unsloth:
+        model = load_with_unsloth(model_dir, precision.dtype, config.data.cutoff_len, model_section.quantization_bit)
+    else:
+        model = load_model(model_dir, precision.dtype, model_section.trust_remote_code, quantization, attention)
     model = apply_method(model, config)
+    if config.train.torch_compile:
+        compile_in_place(model, config.method.chunked_loss)
     trainable, total = count_parameters(model)
     print(
         f"method: {config.method.finetuning_type}; trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.2f}%)"
     )
 
-    trainer = build_trainer(config, model, tokenizer, data, precision, fingerprint)
+    trainer = build_trainer(config, model, tokenizer, data, precision, fingerprint, checkpointing)
     print_batch_plan(config, trainer, data.train_rows)
     if resume_from is None:
         (output_dir / callbacks.METRICS_FILE).unlink(missing_ok=True)
     write_fingerprint(output_dir, fingerprint)
+    if config.method.pissa_init and resume_from is None and trainer.is_world_process_zero():
+        # The adapter as initialised: the final one is saved relative to it, so it applies to the original base.
+        model.save_pretrained(output_dir / PISSA_INIT_DIR)
     (output_dir / SAVED_CONFIG_FILE).write_text(yaml.safe_dump(config_to_flat_dict(config), sort_keys=False))
 
     interrupt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.SaveOnInterrupt))
@@ -121,6 +147,11 @@ def apply_method(model, config: RunConfig):
                 check_cpu_4bit_shapes(model)
             model = prepare_for_kbit_training(model)
         targets = resolve_lora_targets(model, method.lora_target)
+        if config.model.use_unsloth:
+            alpha = method.lora_alpha or 2 * method.lora_rank
+            return apply_unsloth_lora(
+                model, targets, method.lora_rank, alpha, method.lora_dropout, method.use_rslora, config.train.seed
+            )
         return apply_lora(
             model,
             targets,
@@ -129,6 +160,8 @@ def apply_method(model, config: RunConfig):
             method.lora_dropout,
             use_rslora=method.use_rslora,
             use_dora=method.use_dora,
+            pissa_iter=method.pissa_iter if method.pissa_init else None,
+            modules_to_save=method.additional_target,
         )
     if getattr(model, "is_quantized", False):
         raise ConfigError(
@@ -142,13 +175,85 @@ def apply_method(model, config: RunConfig):
     return model  # full: every parameter trains
 
 
-def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerprint):
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+def check_speed_paths(config: RunConfig, dtype: torch.dtype) -> str:
+    """Refuse speed keys this machine cannot honour; return the attention kernel to load the model with."""
+    if config.model.enable_liger_kernel:
+        check_liger()
+    if config.model.use_unsloth:
+        check_unsloth()
+    if config.train.optim.startswith("paged_") and not torch.cuda.is_available():
+        print(f"note: {config.train.optim} pages optimizer state between GPU and CPU; on a CPU it runs unpaged")
+    attention = choose_attention(config.model.flash_attn, dtype)
+    print(f"attention: {attention}")
+    return attention
+
+
+def choose_gradient_checkpointing(config: RunConfig, model_dir: str) -> bool | str:
+    """`auto`: on only when the memory estimate says the run would not fit without it (it costs ~1/3 more compute)."""
+    setting = config.train.gradient_checkpointing
+    if setting == "offload" and not torch.cuda.is_available():
+        print("note: gradient_checkpointing: offload keeps activations in CPU RAM, where a CPU run has them already")
+    if setting != "auto":
+        return setting
+    from tunesmith.estimate.memory import available_memory, estimate_peak_memory
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_config = json.loads((Path(model_dir) / "config.json").read_text())
+    needed = estimate_peak_memory(config, model_config, device=device, gradient_checkpointing=False).total_bytes
+    free = available_memory(device)
+    enabled = needed > 0.9 * free  # keep a margin for fragmentation and what the estimate does not see
+    print(
+        f"gradient checkpointing: {'on' if enabled else 'off'} (auto): the run needs about {needed / 2**30:.1f} GiB "
+        f"without it, {free / 2**30:.1f} GiB is free on {device}"
+    )
+    return enabled
+
+
+COMPILE_BACKEND = "inductor"  # tests use "eager": the same graph capture, without generating code
+
+
+def compile_in_place(model, chunked_loss: bool) -> None:
+    """torch.compile, in place: the module keeps its type, so peft, saving and the chunked loss see the same model.
+
+    With the chunked loss the decoder is what runs as one graph; the head and cross-entropy run chunk by chunk.
+    """
+    from tunesmith.train.loss import causal_lm_parts
+
+    parts = causal_lm_parts(model) if chunked_loss else None
+    (parts[0] if parts else model).compile(backend=COMPILE_BACKEND)
+    print("torch.compile: the first steps are slow while kernels are generated")
+
+
+def optimizer_arguments(config: RunConfig, model) -> dict:
+    """TrainingArguments for the optimizer: `optim`, or GaLore's projected variant of it over the chosen layers."""
+    method, optim = config.method, config.train.optim
+    if not method.use_galore:
+        return {"optim": optim}
+    base = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_8bit": "adamw_8bit"}
+    base |= {"adamw_bnb_8bit": "adamw_8bit", "adafactor": "adafactor"}
+    if optim not in base:
+        raise ConfigError(f"`use_galore` projects adamw_torch, adamw_8bit or adafactor, not optim: {optim}")
+    targets = linear_layer_names(model) if method.galore_target == ["all"] else method.galore_target
+    return {
+        "optim": f"galore_{base[optim]}{'_layerwise' if method.galore_layerwise else ''}",
+        "optim_target_modules": targets,
+        "optim_args": (
+            f"rank={method.galore_rank}, update_proj_gap={method.galore_update_interval}, "
+            f"scale={method.galore_scale}, proj_type={method.galore_proj_type}"
+        ),
+    }
+
+
+def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerprint, checkpointing: bool | str):
+    from transformers import PrinterCallback, TrainingArguments
 
     train = config.train
     evaluate = data.eval is not None
     packing = config.data.packs
     eval_strategy = train.eval_strategy or ("steps" if evaluate else "no")
+    fsdp_arguments = fsdp.training_arguments(train.fsdp, train.fsdp_offload, train.fsdp_config, model)  # {}: none
+    if fsdp_arguments:
+        apply_fsdp_on_cpu_processes()  # accelerate 1.15 would drop FSDP on CPU processes and run DDP
     args = TrainingArguments(
         output_dir=config.output.output_dir,
         per_device_train_batch_size=train.per_device_train_batch_size,
@@ -162,7 +267,7 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
         lr_scheduler_type=train.lr_scheduler_type,
         # transformers 5 dropped warmup_ratio; a float below 1 in warmup_steps means the same.
         warmup_steps=train.warmup_ratio if train.warmup_ratio else train.warmup_steps,
-        optim=train.optim,
+        **optimizer_arguments(config, model),
         seed=train.seed,
         data_seed=train.seed,
         bf16=precision.bf16,
@@ -182,15 +287,19 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
         # several CPU processes (a group joined before the recipe runs) talk over gloo
         ddp_backend="gloo" if torch.distributed.is_initialized() and not torch.cuda.is_available() else None,
         deepspeed=train.deepspeed,  # a JSON path, checked in TrainSection; "auto" values come from these arguments
+        **fsdp_arguments,
         # A packed batch has a 4D mask (or none), which Trainer cannot count real tokens from: count every position.
         include_num_input_tokens_seen="all" if packing else "non_padding",
         remove_unused_columns=False,
+        # reentrant checkpointing saves each layer's input through autograd's hooks, where offload can move it
+        gradient_checkpointing=bool(checkpointing),
+        gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "offload"},
+        torch_empty_cache_steps=train.torch_empty_cache_steps,
+        neftune_noise_alpha=config.method.neftune_noise_alpha,
+        use_liger_kernel=config.model.enable_liger_kernel,
         disable_tqdm=True,  # our ProgressBar replaces the default bar and the printed log dicts
     )
-    from tunesmith.train.loss import ChunkedLossTrainer
-
-    trainer_class = ChunkedLossTrainer if config.method.chunked_loss else Trainer
-    trainer = trainer_class(
+    trainer = TunesmithTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
@@ -207,8 +316,15 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
             callbacks.SaveOnInterrupt(),
             callbacks.FingerprintCheckpoints(fingerprint),
         ],
+        # Liger's fused linear cross-entropy already avoids the full logits, inside the model's own forward
+        chunked_loss=config.method.chunked_loss and not config.model.enable_liger_kernel,
+        loraplus_lr_ratio=config.method.loraplus_lr_ratio,
+        loraplus_lr_embedding=config.method.loraplus_lr_embedding,
+        offload_activations=checkpointing == "offload",
     )
     trainer.remove_callback(PrinterCallback)
+    if fsdp_arguments:
+        trainer.add_callback(fsdp.ShardingCheck())  # fails the run unless the model really is sharded
     return trainer
 
 
@@ -225,11 +341,24 @@ def print_batch_plan(config: RunConfig, trainer, rows: int | None) -> None:
 
 def save_outputs(trainer, tokenizer, config: RunConfig, output_dir: Path) -> None:
     """The adapter (or full model), the tokenizer with its chat template, and the resolved config."""
+    fsdp.use_full_state_dict(trainer)  # whole weights, even if FSDP checkpoints were sharded
     trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
         return
+    fsdp.drop_tied_copies(trainer, output_dir)  # a tied weight once, as transformers saves it
+    if config.method.pissa_init:
+        # Trained PiSSA factors apply to the residual base; as the difference to their initial values (rank 2r)
+        # they apply to the original base model, which is what chat, merge and peft users load.
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+            output_dir, path_initial_model_for_weight_conversion=str(output_dir / PISSA_INIT_DIR)
+        )
     tokenizer.save_pretrained(output_dir)
     if config.method.finetuning_type == "lora":
         from safetensors.torch import load_file
 
-        check_adapter_weights(load_file(output_dir / "adapter_model.safetensors"))
+        adapter = load_file(output_dir / "adapter_model.safetensors")
+        check_adapter_weights(adapter)
+        if deepspeed.stage(config.train.deepspeed) == 3:
+            deepspeed.check_gathered_adapter(adapter, trainer.model)
+    else:  # ZeRO-0/1/2 save a tied lm_head as a second copy of the embedding
+        deepspeed.remove_tied_copies(output_dir, getattr(trainer.model, "all_tied_weights_keys", None) or {})

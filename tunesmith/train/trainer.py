@@ -1,0 +1,106 @@
+"""Transformers' `Trainer` with tunesmith's three changes, each switched by a config key and off otherwise.
+
+- `chunked_loss`: the training loss comes from `loss.chunked_causal_lm_loss` (no `[batch, seq, vocab]` logits),
+  also under DDP and DeepSpeed, where the wrapper's own forward must run for its gradient hooks.
+- `loraplus_lr_ratio`: LoRA+, B matrices in their own parameter group with a larger learning rate (peft's
+  `create_loraplus_optimizer` builds the groups; Trainer's optimizer class and arguments are kept).
+- `gradient_checkpointing: offload`: tensors saved for backward (with checkpointing: the layer inputs) are kept in
+  CPU RAM during the step (`torch.autograd.graph.save_on_cpu`) and copied back when backward needs them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers.modeling_outputs import CausalLMOutput
+
+from tunesmith.train import loss
+
+
+class TunesmithTrainer(Trainer):
+    def __init__(
+        self,
+        *args: Any,
+        chunked_loss: bool = True,
+        loraplus_lr_ratio: float | None = None,
+        loraplus_lr_embedding: float = 1e-6,
+        offload_activations: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.chunked_loss = chunked_loss
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.loraplus_lr_embedding = loraplus_lr_embedding
+        self.offload_activations = offload_activations
+        self._chunked_fallback_noted = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.chunked_loss or return_outputs or "labels" not in inputs:  # eval outputs need the logits
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inner = self.accelerator.unwrap_model(model)
+        if self.label_smoother is not None or self.compute_loss_func is not None or loss.causal_lm_parts(inner) is None:
+            if not self._chunked_fallback_noted and self.is_world_process_zero():
+                print("note: chunked_loss is not used with this model or setting; the model computes the loss itself")
+            self._chunked_fallback_noted = True
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Trainer hands num_items_in_batch to the model only when the model takes it; mirror that exactly.
+        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        # The wrapper's forward runs (DDP/DeepSpeed hooks); accelerate's mixed-precision autocast, which the
+        # swapped-out forward carried, is applied here instead.
+        with self.accelerator.autocast(), _forward_computes_chunked_loss(inner, items):
+            value = model(**inputs).loss
+        # Same scaling as Trainer.compute_loss: the gradient all-reduce averages over processes, so the sum over
+        # the global batch's tokens needs the process count put back.
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
+            value = value * (self.accelerator.num_processes // self.get_tp_size())
+        return value
+
+    def create_optimizer(self, model=None):
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        learning_rate = optimizer_kwargs.pop("lr")
+        self.optimizer = create_loraplus_optimizer(
+            self.model if model is None else model,
+            optimizer_cls,
+            lr=learning_rate,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_lr_embedding=self.loraplus_lr_embedding,
+            loraplus_weight_decay=self.args.weight_decay,
+            **optimizer_kwargs,
+        )
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        pin = torch.cuda.is_available()  # pinned host memory makes the copies asynchronous
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=pin) if self.offload_activations else nullcontext()
+        with offload:
+            return super().training_step(model, inputs, num_items_in_batch)
+
+
+@contextmanager
+def _forward_computes_chunked_loss(inner: torch.nn.Module, num_items_in_batch):
+    """For one call, `inner`'s forward returns the chunked loss instead of logits.
+
+    A DDP or DeepSpeed engine must run its own forward (it prepares the gradient all-reduce and, under ZeRO-3,
+    gathers parameters through hooks on the submodules), and that forward calls `inner(...)`. Swapping `inner`'s
+    bound forward for the length of the call lets the engine run as usual while the loss skips the full logits.
+    """
+
+    def chunked_forward(**model_inputs: torch.Tensor) -> CausalLMOutput:
+        return CausalLMOutput(loss=loss.chunked_causal_lm_loss(inner, model_inputs, num_items_in_batch))
+
+    own_forward = vars(inner).get("forward")  # accelerate may have set one (its autocast wrapper)
+    inner.forward = chunked_forward
+    try:
+        yield
+    finally:
+        if own_forward is None:
+            del inner.forward  # back to the class's forward
+        else:
+            inner.forward = own_forward
