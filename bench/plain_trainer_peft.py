@@ -7,7 +7,9 @@ hyperparameters as `examples/identity_lora.yaml`.
 
     python -m bench.plain_trainer_peft [--steps 20] [--model-dir DIR] [--json out.json]
 
-The only additions to the tutorial recipe are the measurements (bench.probe), marked below.
+`--data`, `--rows`, `--lr`, `--epochs`, `--batch-size`, `--max-length` run other work the same way
+(bench.compare: the first rows of alpaca_en_demo.json). The only additions to the tutorial recipe are the
+measurements (bench.probe), marked below.
 """
 
 from __future__ import annotations
@@ -16,28 +18,18 @@ import argparse
 import tempfile
 from typing import Any
 
-from bench.probe import measure_training
+from bench.probe import build_messages, measure_training, read_rows
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_LENGTH = 512
 
 
-def build_messages(row: dict[str, Any], name: str, author: str) -> list[dict[str, str]]:
-    """identity.json is alpaca-style: instruction (+ input) → user, output → assistant; fill the placeholders."""
-
-    def fill(text: str) -> str:
-        return text.replace("{{name}}", name).replace("{{author}}", author)
-
-    prompt = f"{row['instruction']}\n{row['input']}" if row.get("input") else row["instruction"]
-    return [{"role": "user", "content": fill(prompt)}, {"role": "assistant", "content": fill(row["output"])}]
-
-
-def tokenize_row(row: dict[str, Any], tokenizer, name: str, author: str) -> dict[str, list[int]]:
+def tokenize_row(row: dict[str, Any], tokenizer, name: str, author: str, max_length: int) -> dict[str, list[int]]:
     messages = build_messages(row, name, author)
     full_prompt = tokenizer.apply_chat_template(messages, tokenize=False)
     user_prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     tokenized = tokenizer(
-        full_prompt, padding="max_length", max_length=MAX_LENGTH, truncation=True, add_special_tokens=False
+        full_prompt, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=False
     )
     user_prompt_len = len(tokenizer(user_prompt, add_special_tokens=False)["input_ids"])
     labels = list(tokenized["input_ids"])
@@ -54,7 +46,13 @@ def main() -> int:
     parser.add_argument("--data", default="data/identity.json")
     parser.add_argument("--name", default="Tunesmith")
     parser.add_argument("--author", default="the tunesmith team")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps; -1: num_train_epochs decides")
+    parser.add_argument("--rows", type=int, help="train on the first N rows of --data (default: all)")
+    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="every row is padded to this length")
+    parser.add_argument("--eval-rows", type=int, help="after training, score the model on the first N rows of --data")
     parser.add_argument("--output-dir", help="Trainer output_dir (default: a temporary directory)")
     parser.add_argument("--json", help="write the measurement to this JSON file")
     args = parser.parse_args()
@@ -91,20 +89,23 @@ def main() -> int:
     model = get_peft_model(model, lora_config)
     model.print_trainable_parameters()
 
-    data = load_dataset("json", data_files=args.data)
-    train_data = data["train"].map(
-        lambda row: tokenize_row(row, tokenizer, args.name, args.author), remove_columns=data["train"].column_names
+    data = load_dataset("json", data_files=args.data)["train"]
+    if args.rows is not None:
+        data = data.select(range(min(args.rows, len(data))))
+    train_data = data.map(
+        lambda row: tokenize_row(row, tokenizer, args.name, args.author, args.max_length),
+        remove_columns=data.column_names,
     )
 
     with tempfile.TemporaryDirectory() as scratch:
         training_args = TrainingArguments(
             output_dir=args.output_dir or scratch,
-            per_device_train_batch_size=4,
+            per_device_train_batch_size=args.batch_size,
             gradient_accumulation_steps=1,
-            learning_rate=1e-3,
+            learning_rate=args.lr,
             lr_scheduler_type="cosine",
             warmup_steps=0.1,  # transformers 5: a float below 1 is a ratio (warmup_ratio is gone)
-            num_train_epochs=3,
+            num_train_epochs=args.epochs,
             max_steps=args.steps,
             seed=42,
             use_cpu=True,
@@ -118,7 +119,9 @@ def main() -> int:
             train_dataset=train_data,
             data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
         )
-        with measure_training() as measurement:  # bench only: times train() and counts tokens, see bench.probe
+        eval_rows = read_rows(args.data, args.eval_rows) if args.eval_rows else None
+        # bench only: times train() and counts tokens, then scores eval_rows; see bench.probe
+        with measure_training(eval_rows, args.max_length) as measurement:
             trainer.train()
 
     print(

@@ -3,7 +3,8 @@
 `measure_training()` wraps `transformers.Trainer` for the duration of a `with` block: it times `Trainer.train`,
 counts the tokens of every batch handed to `Trainer.training_step`, and times checkpoint writes. It patches the
 class, not an instance, because tunesmith builds its Trainer inside `run_sft`; the plain script uses the same
-wrapper so that both runs are counted by the same code. Nothing is patched outside the block.
+wrapper so that both runs are counted by the same code. Nothing is patched outside the block. Given rows, it then
+scores the trained model on them with `same_rows_loss`, one function for every run, so final losses compare.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 IGNORE_INDEX = -100
 
@@ -30,11 +32,13 @@ class Measurement:
     padded_tokens: int = 0  # every position of every batch, padding included
     tokens: int = 0  # attention_mask == 1: the tokens that are real text
     supervised_tokens: int = 0  # labels != -100: the tokens the loss is taken on
+    longest_batch: int = 0  # positions per row of the longest batch: the sequence length memory peaked at
     final_loss: float | None = None  # loss logged at the last step
     mean_loss: float | None = None  # Trainer's training_loss: mean over all steps
     rss_at_train_start_mib: float = 0.0  # resident memory when Trainer.train() was entered
     peak_rss_mib: float = 0.0  # ru_maxrss of this process, read after training
     peak_rss_hwm_mib: float = 0.0  # VmHWM of this process: the same peak, not inherited across exec
+    same_rows_loss: float | None = None  # after training: mean loss over the supervised tokens of fixed rows
 
     @property
     def step_seconds(self) -> float:
@@ -47,6 +51,11 @@ class Measurement:
     @classmethod
     def read(cls, path: str | Path) -> Measurement:
         return cls(**json.loads(Path(path).read_text()))
+
+
+def read_rows(path: str | Path, count: int) -> list[dict[str, Any]]:
+    """The first `count` rows of a JSON list file (alpaca_en_demo.json, identity.json)."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))[:count]
 
 
 def _status_mib(field: str) -> float:
@@ -66,8 +75,49 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def build_messages(row: dict[str, Any], name: str = "", author: str = "") -> list[dict[str, str]]:
+    """An alpaca row (identity.json, alpaca_en_demo.json): instruction (+ input) → user, output → assistant."""
+
+    def fill(text: str) -> str:
+        return text.replace("{{name}}", name).replace("{{author}}", author)
+
+    prompt = f"{row['instruction']}\n{row['input']}" if row.get("input") else row["instruction"]
+    return [{"role": "user", "content": fill(prompt)}, {"role": "assistant", "content": fill(row["output"])}]
+
+
+def same_rows_loss(model, tokenizer, rows: list[dict[str, Any]], max_length: int) -> float:
+    """Mean loss per supervised (answer) token over `rows`, one row at a time: the same number for every run.
+
+    Each row is rendered with the tokenizer's chat template, truncated to `max_length`, and only the tokens the
+    assistant turn adds are scored; the model's own loss gives the mean per row, weighted back to a sum here.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for row in rows:
+            messages = build_messages(row)
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+            prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            labels = [IGNORE_INDEX] * min(prompt_len, len(ids)) + ids[prompt_len:]
+            supervised = sum(1 for label in labels[1:] if label != IGNORE_INDEX)  # the first label is never scored
+            if supervised == 0:
+                continue
+            batch = {"input_ids": torch.tensor([ids], device=device), "labels": torch.tensor([labels], device=device)}
+            total += float(model(**batch).loss) * supervised
+            count += supervised
+    model.train(was_training)
+    return total / max(count, 1)
+
+
 @contextmanager
-def measure_training() -> Iterator[Measurement]:
+def measure_training(eval_rows: list[dict[str, Any]] | None = None, max_length: int = 512) -> Iterator[Measurement]:
+    """Time and count `Trainer.train()`; with `eval_rows`, score the trained model on them afterwards (untimed)."""
     from transformers import Trainer
 
     measurement = Measurement()
@@ -85,10 +135,13 @@ def measure_training() -> Iterator[Measurement]:
         measurement.mean_loss = output.training_loss
         losses = [entry["loss"] for entry in self.state.log_history if "loss" in entry]
         measurement.final_loss = losses[-1] if losses else None
+        if eval_rows:
+            measurement.same_rows_loss = same_rows_loss(self.model, self.processing_class, eval_rows, max_length)
         return output
 
     def training_step(self, model, inputs, *args, **kwargs):
         measurement.padded_tokens += inputs["input_ids"].numel()
+        measurement.longest_batch = max(measurement.longest_batch, inputs["input_ids"].shape[-1])
         mask = inputs.get("attention_mask")
         measurement.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         measurement.supervised_tokens += int((inputs["labels"] != IGNORE_INDEX).sum())

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
 from tunesmith.config import load_config
 from tunesmith.config.load import KEY_TO_SECTION, parse_overrides
 from tunesmith.config.sections import SECTIONS
@@ -92,7 +93,9 @@ def test_bad_value_names_field_value_and_valid_choices():
         load_config(None, ["dataset=x", "lora_rank=0"])
 
 
-@pytest.mark.parametrize(("override", "feature"), [("rope_scaling=linear", "RoPE scaling"), ("do_train=false", "do_train")])
+@pytest.mark.parametrize(
+    ("override", "feature"), [("rope_scaling=linear", "RoPE scaling"), ("do_train=false", "do_train")]
+)
 def test_later_features_are_refused_not_ignored(override, feature):
     with pytest.raises(NotSupportedYet, match=feature):
         load_config(None, ["dataset=x", override])
@@ -127,3 +130,10 @@ def test_loggers_are_checked_before_anything_loads():
 def test_do_train_false_is_refused_not_ignored():
     with pytest.raises(NotSupportedYet, match="do_train: false"):
         load_config(None, ["dataset=x", "do_train=false"])
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_example_config_is_valid(example):
+    """Each is also run: identity_lora.yaml by e2e/test_identity.py, qlora_alpaca.yaml by e2e/test_quantized_smollm2."""
+    config = load_config(example, ["name=Tunesmith", "author=us"])
+    assert config.data.dataset

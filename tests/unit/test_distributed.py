@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from tests.unit.test_train import train, train_args
 from tunesmith.config import load_config
 from tunesmith.distributed import launch
 from tunesmith.distributed.deepspeed import SHIPPED
-from tunesmith.distributed.process_group import TEST_FAIL_RANK
+from tunesmith.distributed.process_group import TEST_FAIL_RANK, TEST_SLOW_RANK
 from tunesmith.errors import ConfigError
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
@@ -109,8 +110,11 @@ SHORT_RUN = ("max_steps=3", "max_samples=12", "learning_rate=1e-2", "optim=adamw
     [
         pytest.param("lora", "adapter_model.safetensors", (), id="lora-ddp"),
         pytest.param("full", "model.safetensors", (), id="full-ddp"),
+        pytest.param("lora", "adapter_model.safetensors", ("deepspeed=ds_z0",), marks=needs_deepspeed, id="lora-z0"),
+        pytest.param("full", "model.safetensors", ("deepspeed=ds_z1",), marks=needs_deepspeed, id="full-z1"),
         pytest.param("lora", "adapter_model.safetensors", ("deepspeed=ds_z2",), marks=needs_deepspeed, id="lora-z2"),
         pytest.param("full", "model.safetensors", ("deepspeed=ds_z3",), marks=needs_deepspeed, id="full-z3"),
+        pytest.param("lora", "adapter_model.safetensors", ("deepspeed=ds_z3",), marks=needs_deepspeed, id="lora-z3"),
         pytest.param(
             "lora",
             "adapter_model.safetensors",
@@ -152,10 +156,23 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
         if method == "full" or "lora_B" in n
     )
     assert moved > 1e-3
+    if method == "lora":  # plain peft loads the adapter (under ZeRO-3 too: gathered at save) as 1 process saved it
+        reloaded = peft_adapter(tiny_model_dir, tmp_path / "two")
+        assert reloaded.keys() == expected.keys()
+        assert max((expected[name] - reloaded[name]).abs().max().item() for name in expected) <= 1e-5
     records = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len([r for r in records if '"loss"' in r]) == 3  # one writer: no duplicated lines
     if engine:  # DeepSpeed really ran: its engine writes ZeRO state in its own layout
         assert (tmp_path / "two" / "checkpoint-3" / "global_step3").is_dir()
+
+
+def peft_adapter(base_dir: Path, adapter_dir: Path) -> dict:
+    """The adapter as `peft.PeftModel.from_pretrained` loads it, named as in adapter_model.safetensors."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    return get_peft_model_state_dict(model)
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, tiny_model_dir, identity_data):
@@ -166,8 +183,18 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, tiny_model_dir, id
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "rank 1 failed on purpose" in output
-    assert "a training process failed" in result.stderr
+    assert "a training process failed (rank 1, exit status 1)" in result.stderr
+    assert "ChildFailedError" not in output and "failed (exitcode" not in output  # the rank's error is enough
     assert elapsed < 60, elapsed  # torchrun stops rank 0; nobody waits out ddp_timeout
+
+
+def test_a_late_rank_finds_the_output_directory_as_the_first_one_did(tmp_path, tiny_model_dir, identity_data):
+    """Rank 1 starts 8 s late: rank 0 must not have written this run's files into the directory before rank 1 has
+    checked it, or rank 1 refuses it as one that "already holds this run"."""
+    args = train_args(tmp_path, tiny_model_dir, identity_data, "nproc_per_node=2", "max_steps=1")
+    result = run_tunesmith(args, **{TEST_SLOW_RANK: "1:8"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert TWO_PROCESSES in result.stdout
 
 
 def test_overwrite_with_two_processes_clears_the_old_run_once(tmp_path, tiny_model_dir, identity_data):
@@ -228,3 +255,185 @@ def test_ctrl_c_stops_both_processes_at_the_same_step_with_a_checkpoint(tmp_path
     assert process.returncode == 130, log[-3000:]
     checkpoints = list(output.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file(), log[-3000:]
+    assert TWO_PROCESSES in log
+    # what the person sees: the rank-0 message and where the checkpoint is; no launcher traceback or agent warnings
+    assert f"Stopped at step {checkpoints[0].name.split('-')[1]}; checkpoint saved in {output}" in log
+    assert "Traceback" not in log and "SignalException" not in log and "death signal" not in log, log[-3000:]
+
+
+def test_a_zero3_config_that_would_save_empty_weights_is_refused(tmp_path):
+    config = json.loads((Path(train_section("deepspeed=ds_z3").deepspeed)).read_text())
+    del config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    path = tmp_path / "z3.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="stage3_gather_16bit_weights_on_model_save"):
+        train_section(f"deepspeed={path}")
+
+
+def test_zero3_adapter_check_sees_whole_tensors():
+    import torch
+    from torch import nn
+
+    from tunesmith.distributed.deepspeed import check_gathered_adapter
+    from tunesmith.errors import TunesmithError
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))  # 4 trainable tensors
+    whole = {f"{i}.weight": torch.ones(2, 2) for i in range(4)}
+    check_gathered_adapter(whole, model)
+    with pytest.raises(TunesmithError, match="3 whole tensors of the 4"):
+        check_gathered_adapter({**whole, "3.weight": torch.empty(0)}, model)  # a rank's slice, not gathered
+    with pytest.raises(TunesmithError, match="0 whole tensors of the 4"):
+        check_gathered_adapter({}, model)
+
+
+@pytest.mark.parametrize(
+    ("engine", "tolerance"),
+    [
+        pytest.param((), 1e-6, id="ddp"),
+        pytest.param(("deepspeed=ds_z2",), 1e-6, marks=needs_deepspeed, id="z2"),
+        pytest.param(("deepspeed=ds_z3",), 1e-6, marks=needs_deepspeed, id="z3"),
+    ],
+)
+def test_two_process_resume_ends_with_the_weights_of_an_uninterrupted_run(
+    engine, tolerance, tmp_path, tiny_model_dir, identity_data
+):
+    """As the 1-process resume test: a straight run, and a run that restarts from its step-2 checkpoint."""
+    settings = ("max_steps=4", "save_steps=2", "lora_dropout=0.1", "lr_scheduler_type=cosine", "warmup_steps=1")
+    two = ("nproc_per_node=2", *engine)
+    straight = run_tunesmith(train_args(tmp_path, tiny_model_dir, identity_data, *settings, *two, output="straight"))
+    assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-3000:]
+    assert TWO_PROCESSES in straight.stdout
+
+    interrupted = tmp_path / "resumed"
+    interrupted.mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", interrupted / "checkpoint-2")
+    shutil.copy(tmp_path / "straight" / "tunesmith_run.json", interrupted)
+    resume = (*settings, *two, "resume_from_checkpoint=true")
+    resumed = run_tunesmith(train_args(tmp_path, tiny_model_dir, identity_data, *resume, output="resumed"))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert TWO_PROCESSES in resumed.stdout
+    logged = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [3, 4]  # it went on from step 2, not from the start
+
+    expected = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    got = load_file(interrupted / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
+    at_step_2 = load_file(tmp_path / "straight" / "checkpoint-2" / "adapter_model.safetensors")
+    moved = max((expected[k] - at_step_2[k]).abs().max().item() for k in expected)
+    print(f"{engine}: resumed vs straight max abs difference {worst:.2e}; steps 3-4 moved weights by {moved:.2e}")
+    assert worst <= tolerance, worst
+    assert moved > 1e-4  # the resumed steps changed the adapter, so the comparison is not vacuous
+
+
+def test_launchers_own_local_rank_argument_is_dropped():
+    from tunesmith.train.__main__ import without_local_rank
+
+    assert without_local_rank(["--local_rank=1", "cfg.yaml", "lr=1"]) == ["cfg.yaml", "lr=1"]
+    assert without_local_rank(["--local-rank", "0", "cfg.yaml"]) == ["cfg.yaml"]
+    assert without_local_rank(["cfg.yaml", "name=--local_rank=1x"]) == ["cfg.yaml", "name=--local_rank=1x"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, "started only this one"),  # --cpu -n 2
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "deepspeed: ds_z2"),
+        ({"ACCELERATE_USE_CPU": "True"}, None),  # accelerate --cpu with one process: asked for one
+        ({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, None),  # multi_gpu mode
+        ({"MASTER_ADDR": "10.0.0.1"}, None),  # not accelerate
+    ],
+)
+def test_accelerate_setups_that_would_train_differently_are_refused(environ, message):
+    if message is None:
+        launch.check_foreign_launcher(environ)
+    else:
+        with pytest.raises(ConfigError, match=message):
+            launch.check_foreign_launcher(environ)
+
+
+def launcher(name: str) -> str:
+    """A launcher installed next to this Python (torchrun, accelerate, deepspeed)."""
+    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def run_launcher(command: list[str], timeout: float = 150) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT")}
+    return subprocess.run(command, cwd=REPO, env=environ, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "torchrun",
+        "accelerate",
+        pytest.param("deepspeed", marks=needs_deepspeed),
+        pytest.param("deepspeed-hostfile", marks=needs_deepspeed),
+    ],
+)
+def test_tutorial_launchers_start_two_processes(kind, tmp_path, tiny_model_dir, identity_data):
+    """Each launcher as the tutorials write it, running `-m tunesmith.train` with a YAML file and overrides."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text("finetuning_type: lora\nmax_steps: 2\nmax_samples: 8\n")
+    module_args = [str(config), *train_args(tmp_path, tiny_model_dir, identity_data)[1:], "max_steps=2"]
+    port = str(launch.free_port())
+    if kind == "torchrun":
+        command = [launcher("torchrun"), "--nproc_per_node", "2", "--master_port", port, "-m", "tunesmith.train"]
+    elif kind == "accelerate":
+        accelerate_config = REPO / "examples" / "accelerate" / "multi_gpu.yaml"
+        command = [launcher("accelerate"), "launch", "--config_file", str(accelerate_config)]
+        command += ["--main_process_port", port, "-m", "tunesmith.train"]
+    else:  # the deepspeed launcher passes --local_rank=N to each process; with DeepSpeed itself on, as users run it
+        module_args.append("deepspeed=ds_z2")
+        if kind == "deepspeed":
+            command = [launcher("deepspeed"), "--num_gpus", "2"]  # without it: 1 process on a CPU
+        else:
+            hostfile = tmp_path / "hostfile"
+            hostfile.write_text("localhost slots=2\n")
+            # the ssh check (node 0 reaching each host, even localhost) needs an sshd this machine lacks
+            # (and to ask node 0 for its address); a real multi-node job has both
+            command = [launcher("deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check"]
+            command += ["--master_addr", "127.0.0.1"]
+        command += ["--master_port", port, "--module", "tunesmith.train"]
+    result = run_launcher([*command, *module_args])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "x 2 process(es) = 4 rows per step" in result.stdout
+    assert "launch: " not in result.stdout  # the launcher's processes train; none starts torchrun again
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_two_nodes_on_one_machine_train_as_one_job(tmp_path, tiny_model_dir, identity_data):
+    """The README's two-node commands, both nodes here: NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT, 1 process each."""
+    method_args = ("finetuning_type=lora", *SHORT_RUN)
+    one = train(tmp_path, tiny_model_dir, identity_data, *method_args, "per_device_train_batch_size=4", output="one")
+
+    port = str(launch.free_port())
+    environ = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK")}
+    nodes = []
+    for node_rank in (0, 1):
+        args = train_args(tmp_path, tiny_model_dir, identity_data, *method_args, output=f"node{node_rank}")
+        node_env = {"NNODES": "2", "NODE_RANK": str(node_rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        nodes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tunesmith", *args],
+                cwd=REPO,
+                env={**environ, **node_env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [node.communicate(timeout=150) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, out[-2000:] + err[-3000:]
+    assert "--nnodes=2" in outputs[1][0] and "--node_rank=1" in outputs[1][0]
+    assert TWO_PROCESSES in outputs[0][0]  # node 0 holds global rank 0, which prints
+    expected = load_file(one / "adapter_model.safetensors")
+    got = load_file(tmp_path / "node0" / "adapter_model.safetensors")
+    worst = max((expected[name] - got[name]).abs().max().item() for name in expected)
+    print(f"two nodes: max abs weight difference to 1 process {worst:.2e}")
+    assert worst <= 1e-5, worst
+    assert not (tmp_path / "node1" / "adapter_model.safetensors").exists()  # only global rank 0 writes

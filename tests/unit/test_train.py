@@ -274,3 +274,9 @@ def test_streaming_trains_without_reading_ahead(tmp_path, tiny_model_dir, identi
 def test_streaming_without_max_steps_is_refused_before_loading(capsys, tmp_path):
     assert main(["train", "dataset=x.jsonl", "streaming=true", f"output_dir={tmp_path}"]) == 2
     assert "`streaming: true` needs `max_steps`" in capsys.readouterr().err
+
+
+def test_resume_true_with_no_checkpoint_says_so(tmp_path, tiny_model_dir, identity_data, capsys):
+    (tmp_path / "out").mkdir()
+    assert main(train_args(tmp_path, tiny_model_dir, identity_data, "resume_from_checkpoint=true")) == 2
+    assert "holds no checkpoint-* folder to resume from" in capsys.readouterr().err

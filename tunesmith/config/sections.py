@@ -524,6 +524,14 @@ class TrainSection(Section):
             )
         if self.fsdp_offload and not self.fsdp:
             raise ValueError("`fsdp_offload` needs fsdp: full_shard or shard_grad_op")
+        if (self.fsdp_config or {}).get("activation_checkpointing") and self.gradient_checkpointing not in (
+            "auto",
+            False,
+        ):
+            raise ValueError(
+                "`fsdp_config.activation_checkpointing` and `gradient_checkpointing` both checkpoint activations; "
+                "keep one (FSDP's own saves an all-gather per layer)"
+            )
         return self
 
 
@@ -559,6 +567,11 @@ class RunConfig(BaseModel):
             raise ValueError(
                 "`fsdp` cannot shard bitsandbytes 8-bit weights; use quantization_bit: 4 (QLoRA, which FSDP shards) "
                 "or deepspeed instead of fsdp"
+            )
+        if self.train.fsdp in ("full_shard", "shard_grad_op") and self.method.pissa_init:
+            raise ValueError(
+                f"pissa_init converts the adapter at save time in one process, which needs whole weights: not with "
+                f"`fsdp: {self.train.fsdp}`; remove fsdp (DDP) or pissa_init"
             )
         if self.data.streaming and self.train.max_steps <= 0:
             raise ValueError("`streaming: true` needs `max_steps`: a streamed dataset has no length to count epochs by")

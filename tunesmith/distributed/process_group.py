@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from tunesmith.config.sections import RunConfig
 
 # Test-only: the global rank named here raises in its first forward pass, while the other ranks wait in a collective.
 TEST_FAIL_RANK = "TUNESMITH_TEST_FAIL_RANK"
+# Test-only: "RANK:SECONDS", that rank starts its run late, as a rank on a busy machine does.
+TEST_SLOW_RANK = "TUNESMITH_TEST_SLOW_RANK"
 
 
 class InjectedFailure(RuntimeError):
@@ -41,6 +44,9 @@ def join(config: RunConfig) -> int:
     rank = dist.get_rank()
     if os.environ.get(TEST_FAIL_RANK) == str(rank):
         _fail_at_first_forward(rank)
+    slow_rank, _, seconds = os.environ.get(TEST_SLOW_RANK, "").partition(":")
+    if slow_rank == str(rank):
+        time.sleep(float(seconds))
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     if config.output.overwrite_output_dir and not config.train.resume_from_checkpoint:

@@ -83,7 +83,7 @@ def load_model(
     if quantization is not None or prequantized_method(model_dir) is not None:
         load_options["device_map"] = quantized_device_map()  # quantized weights are placed while loading
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **load_options
         )
     except OSError as error:
@@ -94,3 +94,17 @@ def load_model(
                 f"{model_dir} ships its own Python code; if you trust it, set trust_remote_code: true"
             ) from None
         raise
+    if quantization is not None:
+        release_checkpoint_file(model)
+    return model
+
+
+def release_checkpoint_file(model) -> None:
+    """Copy the unquantized parameters (embeddings, norms) out of the memory-mapped checkpoint.
+
+    safetensors maps the checkpoint file; quantizing reads every page of it, and while one parameter still points
+    into the file, the whole mapping stays resident: SmolLM2 4-bit held 918 MiB, 621 MiB after this copy.
+    """
+    for parameter in model.parameters():
+        if parameter.device.type == "cpu" and parameter.dtype.is_floating_point:  # quantized ones are copies already
+            parameter.data = parameter.data.clone()

@@ -71,11 +71,11 @@ def prepare_output_dir(
     """Check the output directory against this run; return the checkpoint to resume from, if any."""
     checkpoints = list_checkpoints(output_dir)
     if resume:
-        checkpoint = checkpoints[-1] if resume is True else Path(str(resume))
         if resume is True and not checkpoints:
             raise OutputDirError(
                 f"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-* folder to resume from"
             )
+        checkpoint = checkpoints[-1] if resume is True else Path(str(resume))
         if not (checkpoint / "trainer_state.json").is_file():
             raise OutputDirError(f"resume_from_checkpoint: {checkpoint} is not a checkpoint (no trainer_state.json)")
         saved = read_fingerprint(checkpoint)

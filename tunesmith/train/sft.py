@@ -40,6 +40,7 @@ from tunesmith.model.quantize import check_cpu_4bit_shapes, prepare_for_kbit_tra
 from tunesmith.model.resolve import resolve_model
 from tunesmith.patches import apply_fsdp_on_cpu_processes
 from tunesmith.train import callbacks
+from tunesmith.train.allocator import return_freed_memory_to_os
 from tunesmith.train.checkpoints import prepare_output_dir, run_fingerprint, write_fingerprint
 from tunesmith.train.trainer import TunesmithTrainer
 
@@ -57,11 +58,17 @@ class TrainResult:
 def run_sft(config: RunConfig) -> TrainResult:
     from transformers import set_seed
 
+    if not torch.cuda.is_available():
+        return_freed_memory_to_os()  # resident memory then follows the live tensors (train/allocator.py)
     output_dir = Path(config.output.output_dir)
     fingerprint = run_fingerprint(config)
     resume_from = prepare_output_dir(
         output_dir, fingerprint, config.train.resume_from_checkpoint, config.output.overwrite_output_dir
     )
+    if torch.distributed.is_initialized():
+        # Every rank checks the directory before rank 0 writes this run's files into it; a slower rank would
+        # otherwise find them and refuse the directory as one that "already holds this run".
+        pass
     set_seed(config.train.seed)
     precision = choose_precision(config.train.bf16, config.train.fp16)
     if precision.note:
@@ -195,6 +202,8 @@ def choose_gradient_checkpointing(config: RunConfig, model_dir: str) -> bool | s
         print("note: gradient_checkpointing: offload keeps activations in CPU RAM, where a CPU run has them already")
     if setting != "auto":
         return setting
+    if (config.train.fsdp_config or {}).get("activation_checkpointing"):
+        return False  # FSDP checkpoints activations itself; Trainer refuses both
     from tunesmith.estimate.memory import available_memory, estimate_peak_memory
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

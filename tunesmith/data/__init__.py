@@ -1,0 +1,1 @@
+"""Data: registry, file readers, formats, templates, encoding, caching, packing and collation."""

@@ -1,0 +1,294 @@
+"""FSDP through Transformers' Trainer: the `fsdp` / `fsdp_config` keys, the Trainer arguments they become, and a
+check inside the run that the model really is sharded.
+
+The engine is PyTorch's FSDP2 (`fully_shard`), applied by accelerate's FSDP plugin, which Trainer builds from
+`fsdp=True, fsdp_config={...}`: each transformer layer is its own unit (`TRANSFORMER_BASED_WRAP`, the classes in the
+model's `_no_split_modules` unless `transformer_layer_cls_to_wrap` names others), then the embeddings with the head,
+then the root. Checkpoints use `FULL_STATE_DICT` unless told otherwise; the final model or adapter is always saved
+whole, so it loads in plain transformers / peft.
+
+Sharding strategies in FSDP2 terms: `full_shard` reshards parameters after each layer's forward (ZeRO-3),
+`shard_grad_op` keeps them gathered until the backward (ZeRO-2), `offload` keeps parameters, gradients and
+optimizer state in CPU memory. FSDP2 has no `no_shard` (FSDP1's NO_SHARD replicated everything "similar to DDP",
+and accelerate refuses the FSDP2 mesh that would mean it, pointing to DDP), so `fsdp: no_shard` runs DDP and says
+so.
+
+On CPU processes (gloo) accelerate 1.15 drops the FSDP plugin; `tunesmith.patches.apply_fsdp_on_cpu_processes`
+restores it, and `ShardingCheck` fails the run if the model is not an FSDP2 module with DTensor parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainerCallback
+
+from tunesmith.errors import ConfigError
+
+SHARDING = ("full_shard", "shard_grad_op", "no_shard")
+FSDP_WORDS = (*SHARDING, "offload", "auto_wrap")  # what transformers' `fsdp` string may hold (FSDPOption)
+WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
+STATE_DICT_TYPES = ("FULL_STATE_DICT", "SHARDED_STATE_DICT")
+BOOLEAN_KEYS = ("cpu_ram_efficient_loading", "activation_checkpointing")
+# fsdp_config keys that only FSDP1 reads; FSDP2 has no equivalent, so they are accepted and ignored with a note
+FSDP1_ONLY = ("backward_prefetch", "forward_prefetch", "use_orig_params", "sync_module_states", "limit_all_gathers")
+# keys that say the same as `fsdp` itself (transformers, accelerate config files): folded into `fsdp`/`fsdp_offload`
+STRATEGY_KEYS = ("sharding_strategy", "reshard_after_forward", "offload_params", "cpu_offload")
+CONFIG_KEYS = (
+    "version",
+    "transformer_layer_cls_to_wrap",
+    "auto_wrap_policy",
+    "min_num_params",
+    "state_dict_type",
+    *BOOLEAN_KEYS,
+    *FSDP1_ONLY,
+)
+
+
+def _choices(values) -> str:
+    return ", ".join(values[:-1]) + f" or {values[-1]}"
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "1", "yes"):
+        return True
+    if str(value).strip().lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"`fsdp_config.{key}`: got {value!r}; expected true or false")
+
+
+def parse_fsdp(value: Any) -> tuple[bool, str | None, bool]:
+    """The `fsdp` key as written (`full_shard`, `"full_shard auto_wrap"`, `full_shard offload`, a list, true) →
+    (on, the sharding strategy it names or None, offload)."""
+    if value is None or value is False or value == "" or value == []:
+        return False, None, False
+    if value is True:
+        return True, None, False
+    words = value.split() if isinstance(value, str) else value
+    if not isinstance(words, list) or not all(isinstance(word, str) for word in words):
+        raise ValueError(f"`fsdp`: got {value!r}; expected {_choices(SHARDING)}, optionally with offload")
+    words = [word.strip(" ,").lower() for word in words if word.strip(" ,")]
+    unknown = [word for word in words if word not in FSDP_WORDS]
+    if unknown:
+        hint = " (hybrid sharding is FSDP1-only; tunesmith runs FSDP2)" if any("hybrid" in w for w in unknown) else ""
+        raise ValueError(
+            f"`fsdp`: got {value!r}; {', '.join(unknown)} is not an FSDP option{hint}; expected "
+            f"{_choices(SHARDING)}, optionally with offload (auto_wrap is accepted and always on)"
+        )
+    strategies = [word for word in words if word in SHARDING]
+    if len(strategies) > 1:
+        raise ValueError(f"`fsdp`: got {value!r}; choose one of {_choices(SHARDING)}")
+    return True, (strategies[0] if strategies else None), "offload" in words
+
+
+def read_fsdp_config(value: Any) -> dict[str, Any]:
+    """`fsdp_config` as written: a mapping, a JSON/YAML file path, or a mapping typed on the command line → a dict
+    with the `fsdp_` prefix that transformers and accelerate files use taken off."""
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        if path.is_file():
+            try:
+                value = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
+            except yaml.YAMLError as error:
+                raise ValueError(f"`fsdp_config`: {path} is not valid JSON or YAML: {error}") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"`fsdp_config`: {path} must hold a mapping of FSDP settings")
+        else:
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                raise ValueError(
+                    f"`fsdp_config`: got {value!r}, which is neither a file nor a mapping; give a JSON/YAML path or "
+                    "a mapping such as {transformer_layer_cls_to_wrap: LlamaDecoderLayer}"
+                )
+            value = parsed
+    if not isinstance(value, dict):
+        raise ValueError(f"`fsdp_config`: got {value!r}; expected a mapping or a JSON/YAML file path")
+    config: dict[str, Any] = {}
+    for key, item in value.items():
+        name = str(key).removeprefix("fsdp_")
+        if name not in (*CONFIG_KEYS, *STRATEGY_KEYS):
+            raise ValueError(
+                f"`fsdp_config`: unknown key {key!r}; the keys are {', '.join((*CONFIG_KEYS, *STRATEGY_KEYS))} "
+                "(an `fsdp_` prefix is optional)"
+            )
+        config[name] = item
+    return config
+
+
+def check_fsdp_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Check and normalise the values of an `fsdp_config` whose strategy keys were already folded into `fsdp`."""
+    checked = dict(config)
+    if "version" in checked:
+        version = str(checked["version"]).strip()
+        if version == "1":
+            raise ValueError(
+                "`fsdp_config.version`: got 1; tunesmith runs FSDP2 (transformers 5 deprecates FSDP1); "
+                "set version: 2 or remove it"
+            )
+        if version != "2":
+            raise ValueError(f"`fsdp_config.version`: got {checked['version']!r}; expected 2")
+        checked["version"] = 2
+    if "transformer_layer_cls_to_wrap" in checked:
+        classes = checked["transformer_layer_cls_to_wrap"]
+        if isinstance(classes, str):
+            classes = [name.strip() for name in classes.split(",") if name.strip()]
+        if not classes or not all(isinstance(name, str) for name in classes):
+            raise ValueError(
+                f"`fsdp_config.transformer_layer_cls_to_wrap`: got {checked['transformer_layer_cls_to_wrap']!r}; "
+                "expected layer class names such as LlamaDecoderLayer"
+            )
+        checked["transformer_layer_cls_to_wrap"] = classes
+    if "auto_wrap_policy" in checked:
+        policy = str(checked["auto_wrap_policy"]).upper()
+        if policy not in WRAP_POLICIES:
+            raise ValueError(
+                f"`fsdp_config.auto_wrap_policy`: got {checked['auto_wrap_policy']!r}; "
+                f"expected {_choices(WRAP_POLICIES)}"
+            )
+        checked["auto_wrap_policy"] = policy
+    if "min_num_params" in checked:
+        count = checked["min_num_params"]
+        if isinstance(count, bool) or not isinstance(count, int | float) or count < 0 or count != int(count):
+            raise ValueError(f"`fsdp_config.min_num_params`: got {count!r}; expected a whole number >= 0")
+        checked["min_num_params"] = int(count)
+    if "state_dict_type" in checked:
+        kind = str(checked["state_dict_type"]).upper()
+        if kind not in STATE_DICT_TYPES:
+            raise ValueError(
+                f"`fsdp_config.state_dict_type`: got {checked['state_dict_type']!r}; expected "
+                f"{_choices(STATE_DICT_TYPES)} (for checkpoints; the final model is always saved whole)"
+            )
+        checked["state_dict_type"] = kind
+    for key in BOOLEAN_KEYS:
+        if key in checked:
+            checked[key] = _bool(key, checked[key])
+    return checked
+
+
+def fold_strategy_keys(strategy: str | None, offload: bool, config: dict[str, Any]):
+    """`fsdp_config` keys that repeat the strategy (`sharding_strategy`, `reshard_after_forward`, `offload_params`,
+    `cpu_offload`) → (strategy, offload, the rest of fsdp_config). The strategy defaults to full_shard; a
+    disagreement with `fsdp` is an error."""
+    config = dict(config)
+    wanted: dict[str, str] = {}  # strategy → the key that asks for it
+    if "sharding_strategy" in config:
+        raw = config.pop("sharding_strategy")
+        name = str(raw).strip().lower()
+        if name not in SHARDING:
+            raise ValueError(f"`fsdp_config.sharding_strategy`: got {raw!r}; expected {_choices(SHARDING)}")
+        wanted[name] = "sharding_strategy"
+    if "reshard_after_forward" in config:
+        reshard = _bool("reshard_after_forward", config.pop("reshard_after_forward"))
+        wanted.setdefault("full_shard" if reshard else "shard_grad_op", "reshard_after_forward")
+    for key in ("offload_params", "cpu_offload"):
+        if key in config:
+            offload = _bool(key, config.pop(key)) or offload
+    asked = {strategy} | set(wanted) if strategy else set(wanted)
+    if len(asked) > 1:
+        sources = ([f"`fsdp` asks for {strategy}"] if strategy else []) + [
+            f"`fsdp_config.{key}` for {name}" for name, key in wanted.items()
+        ]
+        raise ValueError(f"`fsdp`: the settings disagree ({'; '.join(sources)}); name the strategy once, in `fsdp`")
+    return (asked.pop() if asked else "full_shard"), offload, config
+
+
+def training_arguments(fsdp: str | None, offload: bool, config: dict[str, Any] | None, model) -> dict[str, Any]:
+    """The TrainingArguments for this FSDP setting (`fsdp`, `fsdp_config`), or {} when FSDP does not run (unset, or
+    no_shard, which is DDP). Layer classes to wrap are checked against the model here."""
+    if fsdp is None:
+        return {}
+    if fsdp == "no_shard":
+        print(
+            "fsdp: no_shard keeps whole parameters, gradients and optimizer state in every process: that is DDP, "
+            "which runs now (FSDP2 has no NO_SHARD)"
+        )
+        return {}
+    config = dict(config or {})
+    for key in FSDP1_ONLY:
+        if config.pop(key, None) is not None:
+            print(f"note: fsdp_config.{key} only applies to FSDP1; FSDP2 has no such setting, so it is ignored")
+    classes = config.get("transformer_layer_cls_to_wrap")
+    if classes and config.get("auto_wrap_policy", WRAP_POLICIES[0]) == WRAP_POLICIES[0]:
+        present = {type(module).__name__ for module in model.modules()}
+        missing = [name for name in classes if name not in present]
+        if missing:
+            layers = sorted(name for name in present if re.search(r"(Layer|Block)$", name))
+            raise ConfigError(
+                f"`fsdp_config.transformer_layer_cls_to_wrap`: {', '.join(missing)} is not in this model; "
+                f"its layer classes are {', '.join(layers) or 'none found'}"
+            )
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            **config,
+            "version": 2,
+            "reshard_after_forward": fsdp == "full_shard",
+            "cpu_offload": offload,
+            "state_dict_type": config.get("state_dict_type", "FULL_STATE_DICT"),
+        },
+    }
+
+
+def use_full_state_dict(trainer) -> None:
+    """Before the final save: gather whole weights even if checkpoints were sharded, so the output loads anywhere."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+
+
+def drop_tied_copies(trainer, output_dir: Path) -> None:
+    """A full FSDP state dict gathers a tied parameter once per name (lm_head.weight and embed_tokens.weight), so
+    model.safetensors would hold it twice, where transformers saves it once; keep the first name, the one the model
+    loads from. An adapter, or a model saved in several files, is left as saved."""
+    path = Path(output_dir) / "model.safetensors"
+    if not getattr(trainer, "is_fsdp_enabled", False) or not path.is_file():
+        return
+    names: dict[int, list[str]] = {}
+    for name, parameter in trainer.model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    copies = {name for same in names.values() for name in same[1:]}
+    if not copies:
+        return
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(path, "pt") as file:
+        metadata = file.metadata()
+    tensors = load_file(path)
+    if copies & tensors.keys():
+        save_file({name: tensor for name, tensor in tensors.items() if name not in copies}, path, metadata=metadata)
+
+
+class ShardingCheck(TrainerCallback):
+    """At the start of training, after Trainer prepared the model: fail unless it is an FSDP2 module whose trainable
+    parameters are DTensors (a silent fallback to DDP would still train, and even match a 1-process run), then say
+    how it is sharded."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        import torch.distributed as dist
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
+        if not isinstance(model, FSDPModule) or not all(isinstance(p, DTensor) for p in trainable):
+            raise RuntimeError(
+                f"fsdp is set but the prepared model is a {type(model).__name__} with {len(sharded)} DTensor "
+                "parameters: FSDP was not applied (see tunesmith/patches.py)"
+            )
+        units = sum(isinstance(module, FSDPModule) for module in model.modules())
+        local = sum(p.to_local().numel() for p in sharded)
+        whole = sum(p.numel() for p in sharded)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        placement = "CPU-offloaded" if args.fsdp_config.get("cpu_offload") else str(sharded[0].device.type)
+        print(
+            f"fsdp: FSDP2 over {world} process(es), {units} fully_shard units, {len(sharded)} DTensor parameters "
+            f"({placement}); this process holds {local:,} of {whole:,} elements"
+        )

@@ -1,0 +1,1 @@
+"""`tunesmith estimate`: the peak memory of a run, predicted before anything is downloaded or loaded."""

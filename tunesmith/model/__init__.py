@@ -1,0 +1,1 @@
+"""Models: resolving names to local directories, loading, quantization, adapters, speed kernels."""
