@@ -68,7 +68,7 @@ def run_sft(config: RunConfig) -> TrainResult:
     if torch.distributed.is_initialized():
         # Every rank checks the directory before rank 0 writes this run's files into it; a slower rank would
         # otherwise find them and refuse the directory as one that "already holds this run".
-        pass
+        torch.distributed.barrier()
     set_seed(config.train.seed)
     precision = choose_precision(config.train.bf16, config.train.fp16)
     if precision.note:
@@ -301,8 +301,8 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
         include_num_input_tokens_seen="all" if packing else "non_padding",
         remove_unused_columns=False,
         # reentrant checkpointing saves each layer's input through autograd's hooks, where offload can move it
-        gradient_checkpointing=bool(checkpointing),
-        gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "offload"},
+        activation_checkpointing=bool(checkpointing),
+        activation_checkpointing_kwargs={"use_reentrant": checkpointing == "offload"},
         torch_empty_cache_steps=train.torch_empty_cache_steps,
         neftune_noise_alpha=config.method.neftune_noise_alpha,
         use_liger_kernel=config.model.enable_liger_kernel,
