@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -155,6 +156,7 @@ def test_adamw_8bit_keeps_optimizer_state_in_8_bits(tmp_path, wide_tiny_model_di
     assert logged_losses(output)[-1] < logged_losses(output)[0]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("galore_torch") is None, reason='pip install -e ".[galore]"')
 def test_galore_projects_the_gradients_of_full_training(tmp_path, tiny_model_dir, identity_data, optimizers):
     settings = ("finetuning_type=full", "use_galore=true", "galore_rank=4", "learning_rate=1e-3")
     output = train(tmp_path, tiny_model_dir, identity_data, *SHORT, *settings)
