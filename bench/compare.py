@@ -33,22 +33,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from bench.probe import Measurement
+from bench.runs import LOADS, MODEL_ALIAS, REPO, converted_model_dir, describe_loads, run_logged
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_ALIAS = "smollm2-135m-instruct"
 DATA = REPO / "data" / "alpaca_en_demo.json"
 CUTOFF_LEN, BATCH_SIZE, LORA_RANK, LEARNING_RATE, SEED = 512, 4, 8, 2e-4, 42
-
-# 1-minute load average before and after each run. One run alone keeps it near the CPU count (torch uses every
-# core); well above that, another process was competing and the timings are noisy.
-LOADS: dict[str, tuple[float, float]] = {}
 
 
 def tunesmith_overrides(rows: int, max_steps: int) -> list[str]:
@@ -83,24 +77,11 @@ ROWS: dict[str, list[str]] = {  # tunesmith rows: keys on top of tunesmith_overr
 PLAIN_ESTIMATE_KEYS = ["packing=false", "chunked_loss=false", "gradient_checkpointing=false"]
 
 
-def run(name: str, command: list[str]) -> None:
-    before = os.getloadavg()[0]
-    print(f"\n[{name}] $ {' '.join(command)}  (load average {before:.2f})", flush=True)
-    subprocess.run(command, cwd=REPO, check=True)
-    LOADS[name] = (before, os.getloadavg()[0])
-
-
-def converted_model_dir() -> Path:
-    code = f"from tunesmith.model.resolve import resolve_model; print(resolve_model({MODEL_ALIAS!r}))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True)
-    return Path(result.stdout.strip().splitlines()[-1])
-
-
 def run_tunesmith(name: str, keys: list[str], eval_rows: int, workdir: Path) -> Measurement:
     out = workdir / f"{name.replace(' ', '_')}.json"
     scoring = ["--eval-data", str(DATA), "--eval-rows", str(eval_rows), "--max-length", str(CUTOFF_LEN)]
     command = [sys.executable, "-m", "bench.tunesmith_run", "--json", str(out), *scoring, "--", "train", *keys]
-    run(name, [*command, f"output_dir={workdir / name.replace(' ', '_')}"])
+    run_logged(name, [*command, f"output_dir={workdir / name.replace(' ', '_')}"])
     return Measurement.read(out)
 
 
@@ -110,7 +91,7 @@ def run_plain(rows: int, max_steps: int, eval_rows: int, model_dir: Path, workdi
     options += ["--epochs", "1", "--lr", str(LEARNING_RATE), "--batch-size", str(BATCH_SIZE)]
     options += ["--max-length", str(CUTOFF_LEN), "--eval-rows", str(eval_rows)]
     options += ["--output-dir", str(workdir / "plain_out"), "--json", str(out)]
-    run("plain", [sys.executable, "-m", "bench.plain_trainer_peft", *options])
+    run_logged("plain", [sys.executable, "-m", "bench.plain_trainer_peft", *options])
     return Measurement.read(out)
 
 
@@ -220,8 +201,7 @@ def main() -> int:
         f"same-rows: loss per answer token on the first {args.eval_rows} rows after training; estimate: "
         "tunesmith estimate at the longest batch the row met; x: ratio to plain."
     )
-    loads = ", ".join(f"{name} {before:.1f} → {after:.1f}" for name, (before, after) in LOADS.items())
-    print(f"load average before → after each row on {os.cpu_count()} CPUs: {loads}")
+    print(describe_loads())
     print_targets(results)
     if args.json:
         report = {"rows": args.rows, "max_steps": args.max_steps, "cpus": os.cpu_count(), "load_average": LOADS}

@@ -28,7 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.runs import REPO
+
 # engine name → tunesmith keys; DeepSpeed rows need deepspeed, offload rows its compiled cpu_adam (~1-3 min once)
 ENGINES: dict[str, tuple[str, ...]] = {
     "plain / DDP": (),

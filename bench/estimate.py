@@ -1,6 +1,6 @@
 """`tunesmith estimate` against measured peaks: predicted vs. peak resident memory of real runs on SmolLM2.
 
-    python -m bench.estimate [--steps 3] [--only lora,full,...] [--mmap-threshold 1048576] [--json out.json]
+    python -m bench.estimate [--steps 3] [--only lora,full,...] [--json out.json]
 
 Each row is `tunesmith train` for a few steps in its own subprocess (bench.tunesmith_run), whose peak resident
 memory (VmHWM) is compared with `tunesmith.estimate.memory.estimate_peak_memory` for the same config. Rows are
@@ -8,25 +8,21 @@ packed (packing: true) unless named otherwise, so that every batch fills cutoff_
 shape a whole epoch peaks at; for an unpacked row the estimate is taken at the longest batch the run saw (a short
 run may not meet the longest rows of the data). The `runtime` row trains a 2-layer, hidden-32 model: its peak is
 the process baseline that `CPU_RUNTIME_BYTES` stands for. This process imports no torch, so that its own size
-does not reach the children's peaks. `--mmap-threshold` sets glibc's MALLOC_MMAP_THRESHOLD_ in the runs, so that
-freed tensors go back to the system and the resident peak is the live peak the estimate predicts (see
-tunesmith.estimate.memory on malloc's arenas).
+does not reach the children's peaks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.probe import Measurement
+from bench.runs import MODEL_ALIAS, REPO, converted_model_dir, run_logged
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_ALIAS = "smollm2-135m-instruct"
 BASE = [
     f"model_name_or_path={MODEL_ALIAS}",
     "dataset=alpaca_en_demo",
@@ -55,12 +51,6 @@ ROWS: dict[str, list[str]] = {
 }
 
 
-def converted_model_dir() -> Path:
-    code = f"from tunesmith.model.resolve import resolve_model; print(resolve_model({MODEL_ALIAS!r}))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True)
-    return Path(result.stdout.strip().splitlines()[-1])
-
-
 def tiny_model_dir(workdir: Path) -> Path:
     code = "import sys; from pathlib import Path; from tests.conftest import build_tiny_model; "
     code += "build_tiny_model(Path(sys.argv[1]))"
@@ -68,12 +58,10 @@ def tiny_model_dir(workdir: Path) -> Path:
     return workdir / "tiny"
 
 
-def measure(name: str, overrides: list[str], workdir: Path, mmap_threshold: int | None) -> Measurement:
+def measure(name: str, overrides: list[str], workdir: Path) -> Measurement:
     out = workdir / f"{name}.json"
     command = [sys.executable, "-m", "bench.tunesmith_run", "--json", str(out), "--", "train", *overrides]
-    env = os.environ | ({"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)} if mmap_threshold else {})
-    print(f"\n$ {' '.join(command)}  (load average {os.getloadavg()[0]:.2f})", flush=True)
-    subprocess.run(command, cwd=REPO, check=True, env=env)
+    run_logged(name, command)
     return Measurement.read(out)
 
 
@@ -94,7 +82,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
     parser.add_argument("--only", help=f"comma-separated rows (default: runtime and all of {', '.join(ROWS)})")
-    parser.add_argument("--mmap-threshold", type=int, help="MALLOC_MMAP_THRESHOLD_ for the runs (bytes)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else ["runtime", *ROWS]
@@ -111,7 +98,7 @@ def main() -> int:
                 row_model_dir = tiny
             else:
                 overrides, row_model_dir = [*BASE, *ROWS[name]], model_dir
-            m = measure(name, [*overrides, *run_dir], workdir, args.mmap_threshold)
+            m = measure(name, [*overrides, *run_dir], workdir)
             estimate = predict(overrides, row_model_dir, m.longest_batch)
             results[name] = {"measured_mib": m.peak_rss_hwm_mib or m.peak_rss_mib, "longest_batch": m.longest_batch}
             results[name] |= {"estimate": estimate, "predicted_mib": estimate["total_bytes"] / 2**20}

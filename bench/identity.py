@@ -16,43 +16,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from bench.probe import Measurement
+from bench.runs import LOADS, MODEL_ALIAS, converted_model_dir, describe_loads, run_logged
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_ALIAS = "smollm2-135m-instruct"
 CONFIG = "examples/identity_lora.yaml"
 NAME, AUTHOR = "Tunesmith", "the tunesmith team"
-
-
-# 1-minute load average before and after each run. One run alone keeps it near the CPU count (torch uses every
-# core); well above that, another process was competing and the timings are noisy.
-LOADS: dict[str, tuple[float, float]] = {}
-
-
-def run(name: str, command: list[str]) -> None:
-    before = os.getloadavg()[0]
-    print(f"\n$ {' '.join(command)}  (load average {before:.2f})", flush=True)
-    subprocess.run(command, cwd=REPO, check=True)
-    LOADS[name] = (before, os.getloadavg()[0])
-
-
-def convert_model() -> str:
-    code = f"from tunesmith.model.resolve import resolve_model; print(resolve_model({MODEL_ALIAS!r}))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True)
-    return result.stdout.strip().splitlines()[-1]
 
 
 def run_tunesmith(steps: int, workdir: Path) -> Measurement:
     out = workdir / "tunesmith.json"
     overrides = [f"name={NAME}", f"author={AUTHOR}", f"max_steps={steps}", f"output_dir={workdir / 'tunesmith_out'}"]
     overrides += ["overwrite_output_dir=true", "plot_loss=false", "logging_steps=1"]
-    run(
+    run_logged(
         "tunesmith",
         [sys.executable, "-m", "bench.tunesmith_run", "--json", str(out), "--", "train", CONFIG, *overrides],
     )
@@ -63,7 +43,7 @@ def run_plain(steps: int, model_dir: str, workdir: Path) -> Measurement:
     out = workdir / "plain.json"
     options = ["--model-dir", model_dir, "--steps", str(steps), "--name", NAME, "--author", AUTHOR]
     options += ["--output-dir", str(workdir / "plain_out"), "--json", str(out)]
-    run("plain", [sys.executable, "-m", "bench.plain_trainer_peft", *options])
+    run_logged("plain", [sys.executable, "-m", "bench.plain_trainer_peft", *options])
     return Measurement.read(out)
 
 
@@ -109,7 +89,7 @@ def main() -> int:
     args = parser.parse_args()
 
     print(f"Converting {MODEL_ALIAS} (once; cached) ...", flush=True)
-    model_dir = convert_model()
+    model_dir = str(converted_model_dir())
     with tempfile.TemporaryDirectory(prefix="tunesmith-bench-") as tmp:
         workdir = Path(tmp)
         runs = {"tunesmith": run_tunesmith(args.steps, workdir), "plain": run_plain(args.steps, model_dir, workdir)}
@@ -126,8 +106,7 @@ def main() -> int:
         "model saw; padded: all positions incl. padding; peak MiB: ru_maxrss of each run's own process "
         "(whole process, model loading included)."
     )
-    loads = ", ".join(f"{name} {before:.1f} → {after:.1f}" for name, (before, after) in LOADS.items())
-    print(f"load average before → after each run on {os.cpu_count()} CPUs: {loads}")
+    print(describe_loads())
     for name, m in runs.items():
         if m.peak_rss_hwm_mib and abs(m.peak_rss_mib - m.peak_rss_hwm_mib) > 0.05 * m.peak_rss_hwm_mib:
             print(f"warning: {name}: ru_maxrss {m.peak_rss_mib:.0f} MiB but VmHWM {m.peak_rss_hwm_mib:.0f} MiB")

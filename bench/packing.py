@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,9 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.probe import Measurement
+from bench.runs import LOADS, MODEL_ALIAS, REPO, describe_loads, run_logged
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_ALIAS = "smollm2-135m-instruct"
 DATASET = "alpaca_en_demo"
 SEED = 42
 
@@ -114,11 +112,6 @@ def print_padding(results: dict[str, Padding], cutoff_len: int, batch_size: int)
     print("share: padding over all positions of the epoch; flash attention's flat packed layout has none.")
 
 
-# 1-minute load average before and after each run. One run alone keeps it near the CPU count (torch uses every
-# core); well above that, another process was competing and the timings are noisy.
-LOADS: dict[str, tuple[float, float]] = {}
-
-
 def run_training(name: str, packing: bool, steps: int, cutoff_len: int, batch_size: int, workdir: Path) -> dict:
     out, output_dir = workdir / f"{name}.json", workdir / name
     overrides = [
@@ -140,10 +133,7 @@ def run_training(name: str, packing: bool, steps: int, cutoff_len: int, batch_si
         "plot_loss=false",
     ]
     command = [sys.executable, "-m", "bench.tunesmith_run", "--json", str(out), "--", "train", *overrides]
-    before = os.getloadavg()[0]
-    print(f"\n$ {' '.join(command)}  (load average {before:.2f})", flush=True)
-    subprocess.run(command, cwd=REPO, check=True)
-    LOADS[name] = (before, os.getloadavg()[0])
+    run_logged(name, command)
     m = Measurement.read(out)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -172,8 +162,7 @@ def print_training(runs: dict[str, dict]) -> None:
         )
     ratio = runs["packed"]["supervised_tokens_per_second"] / runs["unpacked"]["supervised_tokens_per_second"]
     print(f"\npacked / unpacked supervised tokens/s: x{ratio:.2f}")
-    loads = ", ".join(f"{name} {before:.1f} → {after:.1f}" for name, (before, after) in LOADS.items())
-    print(f"load average before → after each run on {os.cpu_count()} CPUs: {loads}")
+    print(describe_loads())
 
 
 def main() -> int:

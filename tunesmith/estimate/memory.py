@@ -38,10 +38,10 @@ optimizer step the activations are gone. On a CPU, loading can peak higher than 
 (the whole checkpoint paged in plus the quantized copy); the larger of the two is the prediction.
 
 On a CPU these are the bytes alive at the peak, which is the process's resident peak only when freed memory goes
-back to the system. glibc's malloc, by default, serves tensors under its dynamic mmap threshold (up to 32 MiB) from
-heap arenas and keeps them after they are freed, so the resident peak of a run can be ~1.5x the live peak
-(SmolLM2, LoRA, batch 4 x 512: 6.5 GiB resident vs 4.2 GiB live). With `MALLOC_MMAP_THRESHOLD_=1048576` (or
-`mallopt(M_MMAP_THRESHOLD, 1 MiB)` at start) the resident peak matches this estimate.
+back to the system. glibc's malloc, by default, keeps freed tensors of up to 32 MiB in its heap arenas, so the
+resident peak of a run was ~1.5x the live peak (SmolLM2, LoRA, batch 4 x 512: 6.5 GiB against 4.2 GiB); CPU runs
+of `tunesmith train` therefore set a 1 MiB mmap threshold (tunesmith.train.allocator), and their resident peak
+matches this estimate.
 
 The sequence length is `cutoff_len`: every unpacked batch is padded to its longest row, so the longest batch of
 an epoch reaches it whenever some row does, and a packed row always fills it.
