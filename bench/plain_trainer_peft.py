@@ -118,6 +118,7 @@ def main() -> int:
             args=training_args,
             train_dataset=train_data,
             data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+            processing_class=tokenizer,  # (the tutorials pass it as tokenizer=; the bench scores rows with it)
         )
         eval_rows = read_rows(args.data, args.eval_rows) if args.eval_rows else None
         # bench only: times train() and counts tokens, then scores eval_rows; see bench.probe
