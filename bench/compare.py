@@ -117,6 +117,7 @@ def summarize(m: Measurement, estimate: dict) -> dict:
     measured = m.peak_rss_hwm_mib or m.peak_rss_mib
     predicted = estimate["total_bytes"] / 2**20
     return asdict(m) | {
+        "step_seconds": m.step_seconds,
         "supervised_tokens_per_second": m.supervised_tokens / seconds,
         "peak_mib": measured,
         "weights_mib": estimate["weights"] / 2**20,
@@ -193,6 +194,9 @@ def main() -> int:
         m = run_plain(args.rows, args.max_steps, args.eval_rows, model_dir, workdir)
         results["plain"] = summarize(m, predict([*base, *PLAIN_ESTIMATE_KEYS], model_dir, m.longest_batch))
 
+    if args.json:
+        report = {"rows": args.rows, "max_steps": args.max_steps, "cpus": os.cpu_count(), "load_average": LOADS}
+        Path(args.json).write_text(json.dumps(report | {"results": results}, indent=2) + "\n")
     print(f"\n{args.rows} rows of {DATA.name}, cutoff_len {CUTOFF_LEN}, batch {BATCH_SIZE}, LoRA r={LORA_RANK} all")
     print_table(results)
     print(
@@ -203,9 +207,6 @@ def main() -> int:
     )
     print(describe_loads())
     print_targets(results)
-    if args.json:
-        report = {"rows": args.rows, "max_steps": args.max_steps, "cpus": os.cpu_count(), "load_average": LOADS}
-        Path(args.json).write_text(json.dumps(report | {"results": results}, indent=2) + "\n")
     return 0
 
 
