@@ -72,8 +72,8 @@ def test_parameter_count_matches_a_model_built_from_the_config(config_class, ove
     assert shape.linear_params == linear
 
 
-def test_smollm2_shape_from_its_config():
-    config = {
+def smollm2_config() -> dict:
+    return {
         "model_type": "llama",
         "hidden_size": 576,
         "intermediate_size": 1536,
@@ -83,8 +83,12 @@ def test_smollm2_shape_from_its_config():
         "head_dim": 64,
         "vocab_size": 49152,
         "tie_word_embeddings": True,
+        "dtype": "float32",
     }
-    assert ModelShape.from_config(config).total_params == 134_515_008  # SmolLM2-135M's sum(p.numel())
+
+
+def test_smollm2_shape_from_its_config():
+    assert ModelShape.from_config(smollm2_config()).total_params == 134_515_008  # SmolLM2-135M's sum(p.numel())
 
 
 def test_lora_parameters_match_peft():
@@ -165,21 +169,6 @@ def test_four_bit_storage_matches_bitsandbytes():
     shape = ModelShape.from_config(TINY | {"num_hidden_layers": 1})
     one = replace(shape, linears=(replace(shape.linears[0], in_features=256, out_features=128),))
     assert quantized_linear_bytes(one, 4, double_quant=True) == pytest.approx(real, rel=0.02)
-
-
-def smollm2_config() -> dict:
-    return {
-        "model_type": "llama",
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "head_dim": 64,
-        "vocab_size": 49152,
-        "tie_word_embeddings": True,
-        "dtype": "float32",
-    }
 
 
 def run_estimate(*keys: str, device: str = "cpu", checkpointing: bool | str = False):

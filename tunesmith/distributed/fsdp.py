@@ -52,6 +52,14 @@ def _choices(values) -> str:
     return ", ".join(values[:-1]) + f" or {values[-1]}"
 
 
+def _upper_choice(key: str, value: Any, choices, hint: str = "") -> str:
+    """An fsdp_config value written in any case, checked against accelerate's upper-case names."""
+    name = str(value).upper()
+    if name not in choices:
+        raise ValueError(f"`fsdp_config.{key}`: got {value!r}; expected {_choices(choices)}{hint}")
+    return name
+
+
 def _bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -147,26 +155,19 @@ def check_fsdp_config(config: dict[str, Any]) -> dict[str, Any]:
             )
         checked["transformer_layer_cls_to_wrap"] = classes
     if "auto_wrap_policy" in checked:
-        policy = str(checked["auto_wrap_policy"]).upper()
-        if policy not in WRAP_POLICIES:
-            raise ValueError(
-                f"`fsdp_config.auto_wrap_policy`: got {checked['auto_wrap_policy']!r}; "
-                f"expected {_choices(WRAP_POLICIES)}"
-            )
-        checked["auto_wrap_policy"] = policy
+        checked["auto_wrap_policy"] = _upper_choice("auto_wrap_policy", checked["auto_wrap_policy"], WRAP_POLICIES)
     if "min_num_params" in checked:
         count = checked["min_num_params"]
         if isinstance(count, bool) or not isinstance(count, int | float) or count < 0 or count != int(count):
             raise ValueError(f"`fsdp_config.min_num_params`: got {count!r}; expected a whole number >= 0")
         checked["min_num_params"] = int(count)
     if "state_dict_type" in checked:
-        kind = str(checked["state_dict_type"]).upper()
-        if kind not in STATE_DICT_TYPES:
-            raise ValueError(
-                f"`fsdp_config.state_dict_type`: got {checked['state_dict_type']!r}; expected "
-                f"{_choices(STATE_DICT_TYPES)} (for checkpoints; the final model is always saved whole)"
-            )
-        checked["state_dict_type"] = kind
+        checked["state_dict_type"] = _upper_choice(
+            "state_dict_type",
+            checked["state_dict_type"],
+            STATE_DICT_TYPES,
+            " (for checkpoints; the final model is always saved whole)",
+        )
     for key in BOOLEAN_KEYS:
         if key in checked:
             checked[key] = _bool(key, checked[key])
