@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from tests.conftest import REPO
 from tunesmith.data.templates import TEMPLATES, find_template
+from tunesmith.data.templates.jinja_source import TEMPLATE_DIR
 
 FIXTURES = REPO / "tests" / "fixtures" / "templates"
 GOLDEN = FIXTURES / "golden"
@@ -99,6 +100,8 @@ CASES = [
     ("thoughts before the last user turn dropped", THOUGHTFUL, {"preserve_thinking": False}),
     ("thinking off", THOUGHTFUL[:3], {"add_generation_prompt": True, "enable_thinking": False}),
     ("instruction and input", [SYSTEM, *INSTRUCTION_AND_INPUT], {}),
+    ("a tool result first", [SYSTEM, *TOOL_TURNS[2:]], {}),
+    ("an answer first", [SYSTEM, *TWO_TURNS[1:]], {}),
     ("a late system message", [*TWO_TURNS[:2], SYSTEM], {}),
     ("an unknown role", [{"role": "critic", "content": "C"}], {}),
 ]
@@ -129,11 +132,11 @@ def renderings(jinja: str) -> str:
 
 
 def named_template(name: str) -> str:
-    return TEMPLATES[name].jinja()
+    return find_template(name).jinja
 
 
 def file_template(file: str) -> str:
-    return find_template(str(FIXTURES / file)).jinja()
+    return find_template(str(FIXTURES / file)).jinja
 
 
 def golden_path(name: str) -> Path:
@@ -154,8 +157,10 @@ def test_template_file_renders_its_golden(file):
     assert renderings(file_template(file)) == file_golden_path(file).read_text(encoding="utf-8")
 
 
-def test_every_template_has_a_golden_and_every_golden_a_template():
-    assert sorted(path.stem for path in GOLDEN.glob("*.txt")) == sorted(TEMPLATES)
+def test_every_template_file_has_a_golden_and_every_golden_a_template():
+    shipped = sorted(path.stem for path in TEMPLATE_DIR.glob("*.jinja"))
+    assert shipped == sorted(TEMPLATES)
+    assert sorted(path.stem for path in GOLDEN.glob("*.txt")) == shipped
     assert sorted(path.name for path in (GOLDEN / "files").glob("*.txt")) == sorted(
         file_golden_path(file).name for file in TEMPLATE_FILES
     )
