@@ -94,7 +94,7 @@ class TemplateFields:
         """These fields as one Jinja chat template: the fields as data, the tool style's macros, the renderer."""
         data = asdict(self) | {"thought_words": list(self.thought_words or ()), "stop_words": list(self.stop_words)}
         head = (
-            f"{{#- The template file {self.name}, rendered by tunesmith's fields/renderer.jinja. -#}}\n"
+            "{#- A template file's fields, rendered by tunesmith's fields/renderer.jinja. -#}\n"
             f"{{%- set fields = {json.dumps(data, ensure_ascii=False)} -%}}\n"  # a JSON object is a Jinja literal
             '{%- include "calls.jinja" -%}\n'
             f'{{%- include "tools_{self.tool_style}.jinja" -%}}\n'
