@@ -8,6 +8,7 @@ import json
 
 import pytest
 from jinja2 import TemplateError
+from jinja2.exceptions import SecurityError
 from transformers import AutoTokenizer
 
 from tests.conftest import REPO, SHARED_DATA
@@ -105,9 +106,12 @@ for _eos_ended in ("cohere", "deepseek", "deepseek3", "empty", "llama2", "summar
 BOS_COUNT = {"cohere": 1, "deepseek": 1, "deepseek3": 1, "deepseekr1": 1, "gemma": 1, "llama3": 1, "mistral": 1}
 BOS_COUNT |= {"summarize": 1, "llama2": 2}  # llama2 opens every [INST] with BOS, as Llama-2 does
 
+REASONING = {"deepseekr1", "qwen3"}  # templates that write a thought before each answer
+
 # Markers that the models' own tokenizers hold as single tokens
 SPECIAL_WORDS = [
-    *{word for template in TEMPLATES.values() for word in template.stop_words},
+    *{find_template(name).end_of_turn for name in TEMPLATES} - {None},
+    *("<|im_start|>", "<|observation|>", "<|eom_id|>"),
     *("<|start_header_id|>", "<|end_header_id|>", "<start_of_turn>", "<|assistant|>", "<|system|>", "<|tool|>"),
     *("<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|END_OF_TURN_TOKEN|>"),
     *("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "[gMASK]", "<sop>", "<reserved_107>"),
@@ -144,6 +148,7 @@ def render(tokenizer, template: str, messages, **kwargs) -> str:
 
 def test_the_registry_covers_the_families_we_support():
     assert set(GOLDEN) == set(SUPERVISED) == set(TEMPLATES)
+    assert {name for name in TEMPLATES if "<think>" in find_template(name).jinja} == REASONING
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
@@ -159,7 +164,7 @@ def test_rendering_and_label_mask(tokenizer, name):
     if BOS_COUNT.get(name):
         assert encoded.input_ids[0] == tokenizer.bos_token_id
     last_answer_only = encode_conversation(tokenizer, chat_format.jinja, CONVERSATION, 512, mask_history=True)
-    if not TEMPLATES[name].thought_words:  # reasoning templates drop history thoughts then (tested below)
+    if name not in REASONING:  # reasoning templates drop history thoughts then (tested below)
         assert last_answer_only.input_ids == encoded.input_ids
     assert SUPERVISED[name].endswith(supervised_text(tokenizer, last_answer_only))
     assert "A1" not in supervised_text(tokenizer, last_answer_only)
@@ -389,13 +394,83 @@ def test_a_json_template_file_with_thoughts_and_tools(tokenizer):
     )
 
 
+PHI_LIKE = """{#- A user's own template: Phi-3's turns with Qwen's tools. -#}
+{#- end_of_turn: <|end|> -#}
+{%- include "calls.jinja" -%}
+{%- include "tools_qwen.jinja" -%}
+{%- if tools -%}
+    {{- '<|system|>' + tools_text(tools) + '<|end|>' -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'assistant' -%}
+        {{- answer_text(message) + '<|end|>' -}}
+    {%- else -%}
+        {{- '<|' + message['role'] + '|>' + message['content'] + '<|end|><|assistant|>' -}}
+    {%- endif -%}
+{%- endfor -%}
+"""
+
+
+def test_a_jinja_template_file_with_its_end_of_turn_and_a_shipped_tool_style(tmp_path, tokenizer):
+    path = tmp_path / "phi_like.jinja"
+    path.write_text(PHI_LIKE, encoding="utf-8")
+    chat_format = resolve_chat_format(str(path), tokenizer)
+    assert (chat_format.source, chat_format.eos_token) == (str(path), "<|end|>")
+    assert "include" not in chat_format.jinja  # self-contained: the tokenizer has no loader for parts
+    text = render(tokenizer, str(path), TOOL_CONVERSATION[1:], tools=TOOLS)
+    assert text.startswith("<|system|>\n\n# Tools\n\nYou may call one or more functions")
+    assert text.endswith(
+        '<|user|>Find a recipe<|end|><|assistant|><tool_call>\n{"name": "search_recipes", "arguments": '
+        '{"ingredients": ["rice"]}}\n</tool_call><|end|><|tool|>{"recipes": ["fried rice"]}<|end|><|assistant|>'
+        "Try fried rice.<|end|>"
+    )
+    encoded = encode_conversation(tokenizer, chat_format.jinja, TOOL_CONVERSATION[1:], cutoff_len=512, tools=TOOLS)
+    assert supervised_text(tokenizer, encoded).endswith("</tool_call><|end|>Try fried rice.<|end|>")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            '{%- include "tools_xml.jinja" -%}\n',
+            r"bad\.jinja: it includes 'tools_xml\.jinja'; the parts are calls\.jinja",
+        ),
+        ("{#- end_of_turn: <a> -#}\n{#- end_of_turn: <b> -#}\n", r"`end_of_turn` is given 2 times \(<a>, <b>\)"),
+    ],
+)
+def test_jinja_template_file_errors_name_the_file(tmp_path, smollm2, content, message):
+    path = tmp_path / "bad.jinja"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        resolve_chat_format(str(path), smollm2)
+
+
+def test_templates_from_files_render_in_the_sandbox(tmp_path, tokenizer):
+    """A template file is code from elsewhere: it renders in transformers' ImmutableSandboxedEnvironment, and the
+    format strings of a YAML file are data, written out as they are, never run as Jinja."""
+    escaping = tmp_path / "escape.jinja"
+    escaping.write_text("{{ messages.__class__.__mro__[-1].__subclasses__() }}", encoding="utf-8")
+    with pytest.raises(SecurityError):
+        render(tokenizer, str(escaping), CONVERSATION)
+    mutating = tmp_path / "mutate.jinja"
+    mutating.write_text("{{ messages.append({'role': 'user', 'content': 'x'}) }}", encoding="utf-8")
+    with pytest.raises(SecurityError):
+        render(tokenizer, str(mutating), CONVERSATION)
+    code_as_data = tmp_path / "code_as_data.yaml"
+    code_as_data.write_text(
+        "user: \"{{ ''.__class__ }}{% if true %}{content}{% endif %}\"\nassistant: '{content}{eos}'\n", encoding="utf-8"
+    )
+    text = render(tokenizer, str(code_as_data), CONVERSATION[1:3])
+    assert text == "{{ ''.__class__ }}{% if true %}U1{% endif %}A1" + E
+
+
 def read_row(instruction: str, input: str) -> Row:
     return Row({"instruction": instruction, "input": input, "output": "5"}, "row.json", 1)
 
 
 @pytest.mark.parametrize("file", ["alpaca.json", "alpaca_legacy.json", "alpaca_short.json"])
 def test_alpaca_lora_template_files_load_as_they_are(smollm2, file):
-    path = SHARED_DATA / "alpaca-lora" / file
+    path = FIXTURES / "alpaca_lora" / file  # Alpaca-LoRA's own files, as they are
     prompts = json.loads(path.read_text(encoding="utf-8"))
     jinja = resolve_chat_format(str(path), smollm2).jinja
     eos = smollm2.eos_token
