@@ -28,10 +28,11 @@ from tunesmith.data.cache import cache_root
 from tunesmith.data.dataset import DataStep
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.data.formats import Conversation, Example
+from tunesmith.data.multimodal import ModelMedia
 from tunesmith.data.registry import DatasetSpec, load_registry, resolve_datasets
 from tunesmith.data.selection import select_rows
 from tunesmith.errors import DataError, TunesmithError
-from tunesmith.model.load import load_chat_tokenizer
+from tunesmith.model.load import load_chat_tokenizer, load_processor
 from tunesmith.model.resolve import resolve_model
 
 FORMATS = ("alpaca", "sharegpt", "openai")
@@ -57,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
         raise TunesmithError("convert needs --to, one of " + ", ".join(FORMATS))
     config, whole_registry = load_data_config(config_path, overrides)
     model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
-    tokenizer, chat_format = load_chat_tokenizer(model_dir, config.data.template, config.model.trust_remote_code)
+    processor = load_processor(model_dir, config.model.trust_remote_code)  # None: a text-only model
+    tokenizer, chat_format = load_chat_tokenizer(
+        model_dir, config.data.template, config.model.trust_remote_code, processor
+    )
+    media = ModelMedia.of(config.model, processor)
     root = cache_root(config.model.cache_dir)
     steps: dict[str, DataStep] = {}
 
@@ -65,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         """A whole registry mixes stages: each entry is read for its own (preference pairs for dpo, ...)."""
         stage = spec.natural_stage if whole_registry else config.method.stage
         if stage not in steps:
-            steps[stage] = DataStep(config.data, tokenizer, chat_format.jinja, stage, config.train.seed, root)
+            steps[stage] = DataStep(config.data, tokenizer, chat_format.jinja, stage, config.train.seed, root, media)
         return steps[stage]
 
     pairs = [(step_for(spec), spec) for spec in resolve_datasets(config.data.dataset, config.data.dataset_dir)]
