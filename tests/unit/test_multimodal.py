@@ -232,6 +232,16 @@ def test_full_training_trains_the_vision_tower_and_the_loss_falls(tmp_path, vlm_
     assert (tmp_path / "out" / "processor_config.json").is_file()  # the output loads with AutoProcessor
 
 
+def test_freeze_trains_the_last_language_layer_and_never_the_frozen_vision_tower(tmp_path, vlm_dir, mllm_data):
+    from safetensors.torch import load_file
+
+    args = train_args(tmp_path, vlm_dir, mllm_data, "finetuning_type=freeze", "freeze_trainable_layers=1")
+    assert main(args) == 0
+    before, after = load_file(vlm_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all("language_model" in name and ".layers.1." in name for name in changed)
+
+
 def test_lora_leaves_the_vision_tower_alone_by_default(tmp_path, vlm_dir, mllm_data):
     from safetensors.torch import load_file
 
