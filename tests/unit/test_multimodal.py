@@ -271,13 +271,15 @@ def test_data_preview_shows_the_image_tokens_untrained(tmp_path, mllm_data, caps
     model = build_llava(tmp_path / "llava")
     args = ["data", "preview", f"model_name_or_path={model}", f"dataset_dir={mllm_data}", "dataset=mllm_demo"]
     assert main([*args, "--json", "-n", "1"]) == 0
-    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    row = next(json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{"))
     image_id = 49152  # <image>, the first token added to SmolLM2's vocabulary
     assert row["input_ids"].count(image_id) == 2 * 4
     image_labels = [label for token, label in zip(row["input_ids"], row["labels"], strict=True) if token == image_id]
     assert set(image_labels) == {IGNORE_INDEX}
     assert main([*args, "-n", "1"]) == 0
-    assert "ASSISTANT:[[ They are celebrating on the soccer field. ]]" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "USER: <image>×4\nWho are they? ASSISTANT:[[ They're Kane" in shown
+    assert "ASSISTANT:[[ They are celebrating on the soccer field. ]]" in shown
 
 
 def test_a_cut_never_splits_an_image():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -215,11 +216,15 @@ def preview(pairs: list[tuple[DataStep, DatasetSpec]], count: int, as_json: bool
     return 0
 
 
+REPEATED_TAG = re.compile(r"(<[^<>\s]+>)\1{3,}")  # an image's tokens: <image><image>... (hundreds for Qwen2-VL)
+
+
 def render_labels(tokenizer, ids: list[int], labels: list[int], colour: bool) -> str:
-    """The text, trained tokens in green (or between [[ ]] without a terminal), the rest dimmed."""
+    """The text, trained tokens in green (or between [[ ]] without a terminal), the rest dimmed; a tag repeated
+    four times or more is shown once with its count (`<image>×64`)."""
     pieces = []
     for trained, group in _runs(ids, labels):
-        text = tokenizer.decode(group)
+        text = REPEATED_TAG.sub(lambda run: f"{run[1]}×{len(run[0]) // len(run[1])}", tokenizer.decode(group))
         if colour:
             pieces.append(f"{GREEN if trained else DIM}{text}{RESET}")
         else:
