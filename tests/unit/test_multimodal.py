@@ -290,3 +290,76 @@ def test_a_cut_never_splits_an_image():
     assert spans == [(1, 4), (5, 7)]
     assert cut_outside_images(ids, labels, spans, 6) == ([1, 9, 9, 9, 2], labels[:5], 1)
     assert cut_outside_images(ids, labels, spans, 8) == (ids, labels, 2)
+
+
+def qwen2_vl_parts():
+    """A tiny Qwen2-VL and its processor. transformers refuses to construct Qwen2VLProcessor without torchvision
+    (for its video processor, unused here), so it is assembled from its parts: the real class, image processor and
+    tokenizer, only without the constructor's class check. A run loads it with AutoProcessor (needs torchvision)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = _smollm2_tokenizer()
+    markers = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": markers}, replace_extra_special_tokens=False)
+    tokenizer.chat_template = (FIXTURES / "qwen2_vl.jinja").read_text()
+    ids = dict(zip(markers, tokenizer.convert_tokens_to_ids(markers), strict=True))
+    config = Qwen2VLConfig(
+        text_config={**_text_config(tokenizer), "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}},
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 4, "mlp_ratio": 2},
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config)
+    processor = object.__new__(Qwen2VLProcessor)
+    processor.image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56)
+    processor.tokenizer, processor.video_processor = tokenizer, None
+    processor.chat_template = tokenizer.chat_template
+    processor.image_token, processor.image_token_id = "<|image_pad|>", ids["<|image_pad|>"]
+    processor.video_token, processor.video_token_id = "<|video_pad|>", ids["<|video_pad|>"]
+    return model, processor
+
+
+def test_qwen2_vl_images_reach_the_model_through_its_3d_positions(tmp_path, mllm_data):
+    from tunesmith.config import load_config
+    from tunesmith.data.collate import PadToLongest
+    from tunesmith.data.dataset import load_sft_data
+    from tunesmith.data.encode import render
+    from tunesmith.data.multimodal import MediaBatches, ModelMedia, as_parts
+    from tunesmith.train.loss import chunked_causal_lm_loss
+
+    model, processor = qwen2_vl_parts()
+    tokenizer = processor.tokenizer
+    config = load_config(None, [f"dataset_dir={mllm_data}", "dataset=mllm_demo"])
+    media = ModelMedia("tiny-qwen2-vl", processor)
+    data = load_sft_data(config.data, tokenizer, tokenizer.chat_template, 42, cache_dir=str(tmp_path), media=media)
+    rows = json.loads((mllm_data / "mllm_demo.json").read_text())
+    for example, row in zip(data.train, rows, strict=True):
+        text = render(tokenizer, tokenizer.chat_template, as_parts(row["messages"]), add_generation_prompt=False)
+        pictures = [media.load_image(path) for path in example["images"]]
+        assert example["input_ids"] == processor(text=[text], images=pictures)["input_ids"][0]
+        pairs = zip(example["input_ids"], example["labels"], strict=True)
+        assert {label for token, label in pairs if token == processor.image_token_id} == {IGNORE_INDEX}
+
+    batch = MediaBatches(PadToLongest(tokenizer.pad_token_id), media)(list(data.train))
+    assert batch["image_grid_thw"].shape == (4, 3)  # the rows' 2 + 1 + 1 images
+    assert batch["mm_token_type_ids"].sum() == (batch["input_ids"] == processor.image_token_id).sum()
+    with torch.no_grad():
+        blank = model(**{**batch, "pixel_values": torch.zeros_like(batch["pixel_values"])}).logits
+    own = model(**batch)
+    assert (own.logits.detach() - blank).abs().max() > 1e-4  # the images change the output
+    assert torch.allclose(chunked_causal_lm_loss(model, batch, chunk_size=7), own.loss, atol=1e-5)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(5):
+        loss = chunked_causal_lm_loss(model, batch)
+        loss.backward()
+        assert model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0  # gradient reaches the vision tower
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
