@@ -259,6 +259,15 @@ def test_packing_with_images_is_refused(tmp_path, mllm_data, capsys):
     assert "packing: true with image rows is not supported yet" in capsys.readouterr().err
 
 
+def test_other_stages_with_a_vision_language_model_are_refused_before_loading_data():
+    from tunesmith.data.multimodal import ModelMedia
+    from tunesmith.data.stages import Encoder, EncodeSettings
+    from tunesmith.errors import NotSupportedYet
+
+    with pytest.raises(NotSupportedYet, match="stage dpo with a vision-language model"):
+        Encoder(None, "", EncodeSettings(stage="dpo", cutoff_len=64), ModelMedia("tiny-vlm", processor=object()))
+
+
 def test_a_text_only_model_refuses_media_rows_naming_the_model_and_row(tmp_path, tiny_model_dir, mllm_data, capsys):
     assert main(train_args(tmp_path, tiny_model_dir, mllm_data)) == 2
     error = capsys.readouterr().err

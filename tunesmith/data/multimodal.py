@@ -38,7 +38,7 @@ import torch
 from tunesmith.config.sections import ModelSection
 from tunesmith.data.encode import IGNORE_INDEX, encode_conversation
 from tunesmith.data.formats import MEDIA_MARKERS, Conversation, Example
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError, DataError, NotSupportedYet
 
 _NO_LIMIT = 1 << 62
 IMAGE_MARKER = MEDIA_MARKERS["images"]
@@ -70,6 +70,13 @@ class ModelMedia:
     @property
     def takes_images(self) -> bool:
         return self.processor is not None
+
+    def check_stage(self, stage: str) -> None:
+        """A vision-language model's template takes typed parts, which only sft (and pt's plain text) are built for."""
+        if self.processor is not None and stage not in ("sft", "pt"):
+            raise NotSupportedYet(
+                f"stage {stage} with a vision-language model ({self.model_name}) is not supported yet; sft is"
+            )
 
     def check(self, example: Example, stage: str) -> None:
         """Refuse media this model or stage cannot train on (a text-only model, videos, audios, stages but sft)."""

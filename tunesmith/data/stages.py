@@ -110,6 +110,7 @@ class Encoder:
         self.chat_template = chat_template
         self.settings = settings
         self.media = media or ModelMedia("of this run")  # which media the model takes (multimodal.py)
+        self.media.check_stage(settings.stage)
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         columns: dict[str, list[Any]] = defaultdict(list)
