@@ -372,3 +372,23 @@ def test_qwen2_vl_images_reach_the_model_through_its_3d_positions(tmp_path, mllm
         optimizer.zero_grad()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_llamafactory_multimodal_keys_are_used_or_refused():
+    from tunesmith.config import load_config
+    from tunesmith.errors import TunesmithError
+
+    keys = ["image_max_pixels=262144", "image_min_pixels=1024", "freeze_vision_tower=false"]
+    config = load_config(None, ["dataset=mllm_demo", *keys, "freeze_multi_modal_projector=false"])
+    assert (config.model.image_max_pixels, config.model.freeze_vision_tower) == (262144, False)
+    with pytest.raises(TunesmithError, match="`video_max_pixels: 16384` is not supported yet"):
+        load_config(None, ["dataset=mllm_demo", "video_max_pixels=16384"])
+
+
+def test_images_are_scaled_into_the_pixel_range():
+    from tunesmith.data.multimodal import ImageSize, load_image
+
+    path = FIXTURES / "mllm_demo_data" / "1.jpg"  # 300 x 168
+    small = load_image(str(path), ImageSize(max_pixels=100 * 56, min_pixels=1))
+    large = load_image(str(path), ImageSize(max_pixels=10**6, min_pixels=600 * 336))
+    assert small.mode == "RGB" and small.size == (100, 56) and large.size == (600, 336)

@@ -97,6 +97,11 @@ class ModelSection(Section):
     freeze_multi_modal_projector: bool = Field(
         True, description="Vision-language models: keep the projector from vision features to text embeddings fixed."
     )
+    freeze_language_model: bool = planned(False, "training only the vision parts is not built yet")
+    video_max_pixels: int = planned(256 * 256, "videos are not supported yet")
+    video_min_pixels: int = planned(16 * 16, "videos are not supported yet")
+    video_fps: float = planned(2.0, "videos are not supported yet")
+    video_maxlen: int = planned(128, "videos are not supported yet")
 
     @model_validator(mode="after")
     def _quantization_options_agree(self) -> ModelSection:
