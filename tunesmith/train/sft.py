@@ -18,7 +18,6 @@ from tunesmith.config import SAVED_CONFIG_FILE, RunConfig, config_to_flat_dict
 from tunesmith.data import multimodal
 from tunesmith.data.collate import PackedBatches, PadToLongest
 from tunesmith.data.dataset import load_sft_data
-from tunesmith.data.multimodal import MediaBatches, ModelMedia, refuse_packed_images
 from tunesmith.data.packing import pack_dataset
 from tunesmith.distributed import deepspeed, fsdp
 from tunesmith.errors import ConfigError
@@ -82,7 +81,7 @@ def run_sft(config: RunConfig) -> TrainResult:
     tokenizer, chat_format = load_chat_tokenizer(
         model_dir, config.data.template, config.model.trust_remote_code, processor
     )
-    media = ModelMedia.of(config.model, processor)
+    media = multimodal.ModelMedia.of(config.model, processor)
 
     # Data before weights: a bad row should fail in seconds, not after a model download.
     data = load_sft_data(
@@ -95,7 +94,7 @@ def run_sft(config: RunConfig) -> TrainResult:
     )
     print(data.summary())
     if config.data.packs:
-        refuse_packed_images(data.train)
+        multimodal.refuse_packed_images(data.train)
         cutoff_len, seed = config.data.cutoff_len, config.train.seed
         packed_train, stats = pack_dataset(data.train, cutoff_len, seed)
         packed_eval = None if data.eval is None else pack_dataset(data.eval, cutoff_len, seed)[0]
@@ -128,7 +127,7 @@ def run_sft(config: RunConfig) -> TrainResult:
 
     trainer = build_trainer(config, model, tokenizer, data, precision, fingerprint, checkpointing)
     if media.takes_images:
-        trainer.data_collator = MediaBatches(trainer.data_collator, media)  # pixel values join the text batch
+        trainer.data_collator = multimodal.MediaBatches(trainer.data_collator, media)  # pixel values join the batch
     print_batch_plan(config, trainer, data.train_rows)
     if resume_from is None:
         (output_dir / callbacks.METRICS_FILE).unlink(missing_ok=True)
@@ -197,7 +196,7 @@ def apply_method(model, config: RunConfig):
             model, method.freeze_trainable_layers, method.freeze_trainable_modules, method.freeze_extra_modules
         )
     multimodal.freeze(model, frozen)
-    return model  # full: every parameter trains, but frozen vision parts
+    return model  # full: every parameter trains (a vision-language model's frozen parts aside)
 
 
 def check_speed_paths(config: RunConfig, dtype: torch.dtype) -> str:
