@@ -253,10 +253,10 @@ def test_lora_leaves_the_vision_tower_alone_by_default(tmp_path, vlm_dir, mllm_d
     assert any("language_model" in name for name in adapter)
 
 
-def test_packing_with_images_is_refused(tmp_path, mllm_data, capsys):
+def test_packing_with_a_vision_language_model_is_refused(tmp_path, mllm_data, capsys):
     model = build_llava(tmp_path / "llava")
     assert main(train_args(tmp_path, model, mllm_data, "packing=true")) == 2
-    assert "packing: true with image rows is not supported yet" in capsys.readouterr().err
+    assert f"packing: true with a vision-language model ({model}) is not supported yet" in capsys.readouterr().err
 
 
 def test_other_stages_with_a_vision_language_model_are_refused_before_loading_data():

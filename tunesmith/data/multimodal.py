@@ -22,8 +22,8 @@ collator) loads and processes the images of each batch, in the order of their to
 forward takes (pixel_values; image_grid_thw for Qwen2-VL; token type ids where the processor makes them: Qwen2-VL's
 `mm_token_type_ids` for its 3D positions, Gemma 3's `token_type_ids` for bidirectional attention over an image).
 
-Packing rows with images is refused: a packed row would need the images of all its examples, in order, and each
-model's own positions (Qwen2-VL's 3D rope) and image attention (Gemma 3) restarted per example.
+Packing with a vision-language model is refused: a packed row would need the images of all its examples, in order,
+and each model's own positions (Qwen2-VL's 3D rope) and image attention (Gemma 3) restarted per example.
 """
 
 from __future__ import annotations
@@ -272,12 +272,14 @@ class MediaBatches:
         return batch
 
 
-def refuse_packed_images(dataset) -> None:
-    """Packing keeps only ids and labels; rows with images would train without their pixels."""
-    if "images" in dataset.column_names and any(dataset["images"]):
+def refuse_packing(media: ModelMedia) -> None:
+    """Packing keeps only ids and labels and restarts 1D positions: a vision-language model's rows would lose their
+    images, Qwen2-VL its 3D positions and Gemma 3 its image attention."""
+    if media.takes_images:
         raise ConfigError(
-            "packing: true with image rows is not supported yet: a packed row would need every example's images "
-            "and its own image positions; set packing: false (and neat_packing: false) for this dataset"
+            f"packing: true with a vision-language model ({media.model_name}) is not supported yet: packed rows "
+            "would need every example's images and the model's own image positions; set packing: false "
+            "(and neat_packing: false)"
         )
 
 

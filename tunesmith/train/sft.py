@@ -82,6 +82,8 @@ def run_sft(config: RunConfig) -> TrainResult:
         model_dir, config.data.template, config.model.trust_remote_code, processor
     )
     media = multimodal.ModelMedia.of(config.model, processor)
+    if config.data.packs:
+        multimodal.refuse_packing(media)
 
     # Data before weights: a bad row should fail in seconds, not after a model download.
     data = load_sft_data(
@@ -94,7 +96,6 @@ def run_sft(config: RunConfig) -> TrainResult:
     )
     print(data.summary())
     if config.data.packs:
-        multimodal.refuse_packed_images(data.train)
         cutoff_len, seed = config.data.cutoff_len, config.train.seed
         packed_train, stats = pack_dataset(data.train, cutoff_len, seed)
         packed_eval = None if data.eval is None else pack_dataset(data.eval, cutoff_len, seed)[0]
