@@ -102,7 +102,9 @@ def test_check_a_whole_registry_reads_each_entry_for_its_stage(tiny_model_dir, c
     registry = SHARED_DATA / "llamafactory"
     code = data_cli(tiny_model_dir, "check", f"dataset_dir={registry}", "max_samples=5", "name=T", "author=A")
     out = capsys.readouterr().out
-    assert code == 0, out
+    assert code == 1, out  # mllm_demo's rows have images, which this text-only model refuses
+    bad = [line for line in out.splitlines() if "bad row:" in line]
+    assert len(bad) == 5 and all("mllm_demo.json row" in line and "is text-only" in line for line in bad)
     assert "dpo_en_demo" in out and "stage dpo" in out and "stage kto" in out and "stage pt" in out
 
 

@@ -85,6 +85,23 @@ class ModelSection(Section):
         False, description="Load and patch the model with Unsloth; needs an NVIDIA GPU and pip install unsloth."
     )
     rope_scaling: str | None = planned(None, "RoPE scaling is not built yet")
+    image_max_pixels: int = Field(
+        768 * 768, gt=0, description="Vision-language models: larger images are scaled down to this many pixels."
+    )
+    image_min_pixels: int = Field(
+        32 * 32, gt=0, description="Vision-language models: smaller images are scaled up to this many pixels."
+    )
+    freeze_vision_tower: bool = Field(
+        True, description="Vision-language models: keep the vision tower fixed (no LoRA on it, no full training)."
+    )
+    freeze_multi_modal_projector: bool = Field(
+        True, description="Vision-language models: keep the projector from vision features to text embeddings fixed."
+    )
+    freeze_language_model: bool = planned(False, "training only the vision parts is not built yet")
+    video_max_pixels: int = planned(256 * 256, "videos are not supported yet")
+    video_min_pixels: int = planned(16 * 16, "videos are not supported yet")
+    video_fps: float = planned(2.0, "videos are not supported yet")
+    video_maxlen: int = planned(128, "videos are not supported yet")
 
     @model_validator(mode="after")
     def _quantization_options_agree(self) -> ModelSection:

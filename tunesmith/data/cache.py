@@ -72,10 +72,10 @@ def tokenizer_digest(tokenizer) -> str:
 
 def code_digest() -> str:
     """The source of the modules that turn rows into ids: a change to them must not reuse old entries."""
-    from tunesmith.data import encode, files, formats, stages
+    from tunesmith.data import encode, files, formats, multimodal, stages
 
     digest = hashlib.sha256(str(CACHE_FORMAT).encode())
-    for module in (files, formats, stages, encode):
+    for module in (files, formats, stages, encode, multimodal):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,10 +29,11 @@ from tunesmith.data.cache import cache_root
 from tunesmith.data.dataset import DataStep
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.data.formats import Conversation, Example
+from tunesmith.data.multimodal import ModelMedia
 from tunesmith.data.registry import DatasetSpec, load_registry, resolve_datasets
 from tunesmith.data.selection import select_rows
 from tunesmith.errors import DataError, TunesmithError
-from tunesmith.model.load import load_chat_tokenizer
+from tunesmith.model.load import load_chat_tokenizer, load_processor
 from tunesmith.model.resolve import resolve_model
 
 FORMATS = ("alpaca", "sharegpt", "openai")
@@ -57,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
         raise TunesmithError("convert needs --to, one of " + ", ".join(FORMATS))
     config, whole_registry = load_data_config(config_path, overrides)
     model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
-    tokenizer, chat_format = load_chat_tokenizer(model_dir, config.data.template, config.model.trust_remote_code)
+    processor = load_processor(model_dir, config.model.trust_remote_code)  # None: a text-only model
+    tokenizer, chat_format = load_chat_tokenizer(
+        model_dir, config.data.template, config.model.trust_remote_code, processor
+    )
+    media = ModelMedia.of(config.model, processor)
     root = cache_root(config.model.cache_dir)
     steps: dict[str, DataStep] = {}
 
@@ -65,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         """A whole registry mixes stages: each entry is read for its own (preference pairs for dpo, ...)."""
         stage = spec.natural_stage if whole_registry else config.method.stage
         if stage not in steps:
-            steps[stage] = DataStep(config.data, tokenizer, chat_format.jinja, stage, config.train.seed, root)
+            steps[stage] = DataStep(config.data, tokenizer, chat_format.jinja, stage, config.train.seed, root, media)
         return steps[stage]
 
     pairs = [(step_for(spec), spec) for spec in resolve_datasets(config.data.dataset, config.data.dataset_dir)]
@@ -210,11 +216,15 @@ def preview(pairs: list[tuple[DataStep, DatasetSpec]], count: int, as_json: bool
     return 0
 
 
+REPEATED_TAG = re.compile(r"(<[^<>\s]+>)\1{3,}")  # an image's tokens: <image><image>... (hundreds for Qwen2-VL)
+
+
 def render_labels(tokenizer, ids: list[int], labels: list[int], colour: bool) -> str:
-    """The text, trained tokens in green (or between [[ ]] without a terminal), the rest dimmed."""
+    """The text, trained tokens in green (or between [[ ]] without a terminal), the rest dimmed; a tag repeated
+    four times or more is shown once with its count (`<image>×64`)."""
     pieces = []
     for trained, group in _runs(ids, labels):
-        text = tokenizer.decode(group)
+        text = REPEATED_TAG.sub(lambda run: f"{run[1]}×{len(run[0]) // len(run[1])}", tokenizer.decode(group))
         if colour:
             pieces.append(f"{GREEN if trained else DIM}{text}{RESET}")
         else:

@@ -36,6 +36,7 @@ from tunesmith.data.cache import (
 )
 from tunesmith.data.files import Row, read_rows
 from tunesmith.data.formats import Example, RowFormat, detect_format, fill_example_placeholders, row_to_example
+from tunesmith.data.multimodal import ModelMedia
 from tunesmith.data.registry import DatasetSpec, resolve_datasets
 from tunesmith.data.selection import Split, mix, select_rows, split_validation, stream_rows
 from tunesmith.data.stages import (
@@ -86,13 +87,15 @@ def load_data(
     stage: str = "sft",
     seed: int = 42,
     cache_dir: str | None = None,
+    media: ModelMedia | None = None,
 ) -> TokenizedData:
-    """The datasets of `data`, tokenized for `stage` with this tokenizer and Jinja chat template."""
+    """The datasets of `data`, tokenized for `stage` with this tokenizer and Jinja chat template; `media`: what the
+    model takes besides text (default: nothing)."""
     if stage not in STAGES:
         raise NotSupportedYet(f"stage {stage!r} has no data step yet; the data step knows {', '.join(STAGES)}")
     if data.tokenized_path and Path(data.tokenized_path).exists():
         return _load_tokenized(Path(data.tokenized_path), stage)
-    step = DataStep(data, tokenizer, chat_template, stage, seed, cache_root(cache_dir))
+    step = DataStep(data, tokenizer, chat_template, stage, seed, cache_root(cache_dir), media)
     train_specs = resolve_datasets(data.dataset, data.dataset_dir)
     eval_specs = resolve_datasets(data.eval_dataset, data.dataset_dir) if data.eval_dataset else []
     if data.column_map and not any(spec.from_path for spec in [*train_specs, *eval_specs]):
@@ -123,7 +126,7 @@ def load_data(
 
 
 def load_sft_data(data: DataSection, tokenizer, chat_template: str, seed: int, **options: Any) -> TokenizedData:
-    """`load_data` for supervised fine-tuning (`options`: cache_dir)."""
+    """`load_data` for supervised fine-tuning (`options`: cache_dir, media)."""
     return load_data(data, tokenizer, chat_template, stage="sft", seed=seed, **options)
 
 
@@ -138,7 +141,16 @@ class _Part:
 class DataStep:
     """What every dataset of a run is read and encoded with."""
 
-    def __init__(self, data: DataSection, tokenizer, chat_template: str, stage: str, seed: int, root: Path) -> None:
+    def __init__(
+        self,
+        data: DataSection,
+        tokenizer,
+        chat_template: str,
+        stage: str,
+        seed: int,
+        root: Path,
+        media: ModelMedia | None = None,
+    ) -> None:
         self.data = data
         self.stage = stage
         self.seed = seed
@@ -155,7 +167,7 @@ class DataStep:
             calls_in_content=not renders_calls,
             tools_in_system=not renders_tools,
         )
-        self.encoder = Encoder(tokenizer, chat_template, self.settings)
+        self.encoder = Encoder(tokenizer, chat_template, self.settings, media)
 
     @cached_property
     def tokenizer_digest(self) -> str:
@@ -230,6 +242,7 @@ class DataStep:
             "encode": asdict(self.settings),
             "tokenizer": self.tokenizer_digest,
             "chat_template": digest_of(self.chat_template),
+            "media": self.encoder.media.cache_key(),
         }
 
     def _drop_unsupervised(self, dataset, spec: DatasetSpec, rows: int) -> _Part:

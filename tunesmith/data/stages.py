@@ -26,6 +26,7 @@ from jinja2 import TemplateError
 
 from tunesmith.data.encode import IGNORE_INDEX, Encoded, encode_conversation, render
 from tunesmith.data.formats import Conversation, Example, calls_as_content, tools_in_system
+from tunesmith.data.multimodal import ModelMedia
 from tunesmith.errors import DataError
 
 PAIRWISE_STAGES = ("rm", "dpo", "orpo", "simpo")
@@ -102,10 +103,14 @@ class Encoder:
     One example can give several rows (pre-training pieces), so the batch is built row by row.
     """
 
-    def __init__(self, tokenizer, chat_template: str, settings: EncodeSettings) -> None:
+    def __init__(
+        self, tokenizer, chat_template: str, settings: EncodeSettings, media: ModelMedia | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.settings = settings
+        self.media = media or ModelMedia("of this run")  # which media the model takes (multimodal.py)
+        self.media.check_stage(settings.stage)
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         columns: dict[str, list[Any]] = defaultdict(list)
@@ -120,6 +125,9 @@ class Encoder:
         try:
             if stage == "pt":
                 return self._pretraining(example)
+            self.media.check(example, stage)
+            if self.media.takes_images and stage == "sft":  # the model's template takes typed parts, every row
+                return [self._with_images(example)]
             media = {name: getattr(example, name) for name in MEDIA_COLUMNS}
             if stage in PAIRWISE_STAGES:
                 return [self._pair(example) | media]
@@ -159,6 +167,20 @@ class Encoder:
             last_only,
         )
         return _columns(encoded)
+
+    def _with_images(self, example: Example) -> dict[str, Any]:
+        settings = self.settings
+        messages, tools = self._with_tools(example.messages, example.tools)
+        return self.media.encode_sft(
+            self.tokenizer,
+            self.chat_template,
+            example,
+            messages,
+            tools,
+            settings.cutoff_len,
+            settings.train_on_prompt,
+            settings.mask_history,
+        )
 
     def _answered(self, messages: Conversation, tools) -> Encoded:
         """The whole conversation, only its last answer supervised, not yet cut to cutoff_len."""

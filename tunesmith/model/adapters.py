@@ -85,7 +85,7 @@ def apply_freeze(
     model: nn.Module, trainable_layers: int, trainable_modules: list[str], extra_modules: list[str]
 ) -> nn.Module:
     """Train only the last `trainable_layers` decoder layers (the first ones if negative), or named parts of them."""
-    num_layers = model.config.num_hidden_layers
+    num_layers = model.config.get_text_config().num_hidden_layers  # a vision-language model: its language model
     if trainable_layers == 0 or abs(trainable_layers) > num_layers:
         raise ConfigError(
             f"`freeze_trainable_layers`: got {trainable_layers}; this model has {num_layers} layers, "

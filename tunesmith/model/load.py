@@ -50,14 +50,56 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_chat_tokenizer(model_dir: str, template: str | None, trust_remote_code: bool = False):
-    """The tokenizer set up to render and stop with the run's chat template (its own, or a named one)."""
+def load_chat_tokenizer(model_dir: str, template: str | None, trust_remote_code: bool = False, processor=None):
+    """The tokenizer set up to render and stop with the run's chat template (its own, or a named one).
+
+    With a vision-language model's `processor`, its own chat template, which renders image parts."""
     from tunesmith.data.templates import install_chat_format, resolve_chat_format
 
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    if processor is not None:
+        if template is not None:
+            print(f"note: template: {template} is not used; a vision-language model renders with its own template")
+            template = None
+        tokenizer.chat_template = processor.chat_template or tokenizer.chat_template
     chat_format = resolve_chat_format(template, tokenizer)
     install_chat_format(tokenizer, chat_format)
     return tokenizer, chat_format
+
+
+def vision_language_type(model_dir: str, trust_remote_code: bool = False) -> str | None:
+    """The model type (qwen2_vl, llava, gemma3, ...) of a model that reads images and text; None for a text model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    try:
+        model_type = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).model_type
+    except OSError as error:
+        raise ModelError(f"cannot read the model config in {model_dir}: {error}") from None
+    return model_type if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES else None
+
+
+def load_processor(model_dir: str, trust_remote_code: bool = False):
+    """A vision-language model's `AutoProcessor` (image processor, image token, chat template); None for text models."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    model_type = vision_language_type(model_dir, trust_remote_code)
+    if model_type is None:
+        return None
+    if model_type in ("qwen2_vl", "qwen2_5_vl") and not is_torchvision_available():
+        raise ModelError(f"{model_type}'s processor (in transformers) needs torchvision: pip install torchvision")
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise ModelError(f"cannot load the processor of {model_dir}: {error}") from None
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "image_token", None) is None:
+        raise ModelError(
+            f"{model_dir} is a vision-language model ({model_type}), but it has no image processor with an image "
+            "token (preprocessor_config.json / processor_config.json); copy the processor files from the model's hub "
+            "repository into it"
+        )
+    return processor
 
 
 def load_model(
@@ -70,8 +112,8 @@ def load_model(
     """The model in `dtype`; with `quantization` (a BitsAndBytesConfig) its linear layers are quantized as they load.
 
     `attn_implementation` is transformers' name of the attention kernel (sdpa, eager, flash_attention_2); None lets
-    transformers choose."""
-    from transformers import AutoModelForCausalLM
+    transformers choose. A vision-language model loads whole (vision tower, projector, language model)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from tunesmith.model.quantize import prequantized_method, quantized_device_map
 
@@ -83,9 +125,9 @@ def load_model(
     if quantization is not None or prequantized_method(model_dir) is not None:
         load_options["device_map"] = quantized_device_map()  # quantized weights are placed while loading
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **load_options
-        )
+        vision_language = vision_language_type(model_dir, trust_remote_code) is not None
+        auto_class = AutoModelForImageTextToText if vision_language else AutoModelForCausalLM
+        model = auto_class.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **load_options)
     except OSError as error:
         raise ModelError(f"cannot load a model from {model_dir}: {error}") from None
     except ValueError as error:

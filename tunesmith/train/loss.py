@@ -25,7 +25,7 @@ def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(decoder without head, output head) of a causal LM, unwrapping peft; None if the model cannot be split."""
     if hasattr(model, "get_base_model"):  # a peft PeftModel: LoRA layers live inside the wrapped model
         model = model.get_base_model()
-    config = getattr(model, "config", None)
+    config = model_text_config(model)  # a vision-language model's logits are its language model's
     if config is None or any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
         return None
     prefix = getattr(model, "base_model_prefix", "")
@@ -34,6 +34,12 @@ def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if decoder is None or head is None or decoder is model:
         return None
     return decoder, head
+
+
+def model_text_config(module: nn.Module):
+    """The config of a module's language model: its own, or a vision-language model's `text_config`."""
+    config = getattr(module, "config", None)
+    return config.get_text_config() if config is not None else None
 
 
 def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -65,7 +71,7 @@ def chunked_causal_lm_loss(
     hidden = hidden[supervised]
     targets = shift_labels[supervised]
 
-    softcap = getattr(getattr(decoder, "config", None), "final_logit_softcapping", None)
+    softcap = getattr(model_text_config(decoder), "final_logit_softcapping", None)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_size):
         chunk = slice(start, start + chunk_size)

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from tunesmith.config import SAVED_CONFIG_FILE, RunConfig, config_to_flat_dict
+from tunesmith.data import multimodal
 from tunesmith.data.collate import PackedBatches, PadToLongest
 from tunesmith.data.dataset import load_sft_data
 from tunesmith.data.packing import pack_dataset
@@ -35,7 +36,7 @@ from tunesmith.model.kernels import (
     choose_attention,
     load_with_unsloth,
 )
-from tunesmith.model.load import choose_precision, load_chat_tokenizer, load_model
+from tunesmith.model.load import choose_precision, load_chat_tokenizer, load_model, load_processor
 from tunesmith.model.quantize import check_cpu_4bit_shapes, prepare_for_kbit_training, quantization_for
 from tunesmith.model.resolve import resolve_model
 from tunesmith.patches import apply_fsdp_on_cpu_processes
@@ -76,7 +77,13 @@ def run_sft(config: RunConfig) -> TrainResult:
     attention = check_speed_paths(config, precision.dtype)  # a GPU-only key fails here, before any loading
 
     model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
-    tokenizer, chat_format = load_chat_tokenizer(model_dir, config.data.template, config.model.trust_remote_code)
+    processor = load_processor(model_dir, config.model.trust_remote_code)  # None: a text-only model
+    tokenizer, chat_format = load_chat_tokenizer(
+        model_dir, config.data.template, config.model.trust_remote_code, processor
+    )
+    media = multimodal.ModelMedia.of(config.model, processor)
+    if config.data.packs:
+        multimodal.refuse_packing(media)
 
     # Data before weights: a bad row should fail in seconds, not after a model download.
     data = load_sft_data(
@@ -85,6 +92,7 @@ def run_sft(config: RunConfig) -> TrainResult:
         chat_format.jinja,
         config.train.seed,
         cache_dir=config.model.cache_dir,
+        media=media,
     )
     print(data.summary())
     if config.data.packs:
@@ -119,6 +127,8 @@ def run_sft(config: RunConfig) -> TrainResult:
     )
 
     trainer = build_trainer(config, model, tokenizer, data, precision, fingerprint, checkpointing)
+    if media.takes_images:
+        trainer.data_collator = multimodal.MediaBatches(trainer.data_collator, media)  # pixel values join the batch
     print_batch_plan(config, trainer, data.train_rows)
     if resume_from is None:
         (output_dir / callbacks.METRICS_FILE).unlink(missing_ok=True)
@@ -138,6 +148,9 @@ def run_sft(config: RunConfig) -> TrainResult:
         return TrainResult(output_dir, trainer.state.global_step, None, interrupted=True)
 
     save_outputs(trainer, tokenizer, config, output_dir)
+    if processor is not None and trainer.is_world_process_zero():
+        processor.tokenizer = tokenizer  # saved with the run's chat template, beside the processor's own files
+        processor.save_pretrained(output_dir)
     if config.output.plot_loss and trainer.is_world_process_zero():
         plot = callbacks.plot_loss(output_dir)
         if plot:
@@ -148,12 +161,16 @@ def run_sft(config: RunConfig) -> TrainResult:
 
 def apply_method(model, config: RunConfig):
     method = config.method
+    # a vision-language model's vision tower and projector, unless set to train: [] for a text model
+    frozen = multimodal.frozen_parts(model, config.model.freeze_vision_tower, config.model.freeze_multi_modal_projector)
     if method.finetuning_type == "lora":
         if getattr(model, "is_quantized", False):  # QLoRA / 8-bit LoRA, or a GPTQ/AWQ model
             if config.model.quantization_bit == 4:
                 check_cpu_4bit_shapes(model)
             model = prepare_for_kbit_training(model)
         targets = resolve_lora_targets(model, method.lora_target)
+        if frozen:
+            targets = multimodal.targets_outside(targets, frozen)
         if config.model.use_unsloth:
             alpha = method.lora_alpha or 2 * method.lora_rank
             return apply_unsloth_lora(
@@ -176,10 +193,11 @@ def apply_method(model, config: RunConfig):
             f"(not {method.finetuning_type}), or the unquantized model"
         )
     if method.finetuning_type == "freeze":
-        return apply_freeze(
+        model = apply_freeze(
             model, method.freeze_trainable_layers, method.freeze_trainable_modules, method.freeze_extra_modules
         )
-    return model  # full: every parameter trains
+    multimodal.freeze(model, frozen)
+    return model  # full: every parameter trains (a vision-language model's frozen parts aside)
 
 
 def check_speed_paths(config: RunConfig, dtype: torch.dtype) -> str:
