@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from tunesmith.data.encode import IGNORE_INDEX, encode_conversation
 from tunesmith.data.formats import Example
-from tunesmith.data.stages import EncodeSettings, Encoder
+from tunesmith.data.stages import Encoder, EncodeSettings
 from tunesmith.model.resolve import resolve_model
 
 END = "<|im_end|>\n"
@@ -148,3 +148,41 @@ def test_pretraining_text_with_an_end_of_text_marker_is_one_document(tokenizer):
     assert row["input_ids"][-1] == tokenizer.eos_token_id
     assert not specials & set(row["input_ids"][:-1])
     assert tokenizer.decode(row["input_ids"][:-1]) == text
+
+
+# --- a tokenizer that cannot be tokenized in pieces -----------------------------------------------------------------
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_like():
+    """A tiny BPE with SentencePiece's Metaspace: it puts a space before the first piece of every text it is given,
+    so a piece tokenized alone would gain a space the whole text does not have."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=specials)
+    backend.train_from_iterator(["hello world, the user asks and the assistant answers.\n"] * 10, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", additional_special_tokens=specials[1:]
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def test_a_tokenizer_that_adds_a_space_to_every_text_is_tokenized_whole(sentencepiece_like):
+    tokenizer = sentencepiece_like
+    messages = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "the answer"}]
+    encoded = encode_conversation(tokenizer, CHATML, messages, cutoff_len=100)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert encoded.input_ids == tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenizer.decode(encoded.input_ids) == text
+    assert trained_text(tokenizer, encoded) == "the answer" + END

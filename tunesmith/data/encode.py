@@ -134,8 +134,12 @@ class TokenizerInfo:
     tokenizes_in_pieces: bool  # "a\n" and "b" tokenized apart give the ids of "a\nb"
 
 
-@functools.lru_cache(maxsize=8)
 def tokenizer_info(tokenizer) -> TokenizerInfo:
+    return _tokenizer_info(tokenizer, len(tokenizer))  # the length: a token added since is seen
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_info(tokenizer, _size: int) -> TokenizerInfo:
     special_ids = frozenset(index for index, token in tokenizer.added_tokens_decoder.items() if token.special)
     whole = _plain_ids(tokenizer, "a\nb")
     tokenizes_in_pieces = whole == _plain_ids(tokenizer, "a\n") + _plain_ids(tokenizer, "b")
