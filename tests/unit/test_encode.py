@@ -81,6 +81,18 @@ def test_every_trained_turn_of_a_conversation_keeps_its_first_character(tokenize
         assert trained_text(tokenizer, encoded) == f"  one{END}\n两个{END} three{END}"
 
 
+def test_both_answers_of_a_preference_pair_follow_the_inference_prompt(tokenizer):
+    prompt_messages = [{"role": "user", "content": "Greet me."}]
+    chosen, rejected = {"role": "assistant", "content": "  Hello!"}, {"role": "assistant", "content": "\n…hi"}
+    encoder = Encoder(tokenizer, tokenizer.chat_template, EncodeSettings(stage="dpo", cutoff_len=1024))
+    (row,) = encoder.encode(Example("row 1", prompt_messages, chosen=chosen, rejected=rejected))
+    prompt = inference_prompt_ids(tokenizer, prompt_messages)
+    for side, answer in (("chosen", chosen), ("rejected", rejected)):
+        ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+        assert ids[: len(prompt)] == prompt and labels[len(prompt) :] == ids[len(prompt) :]
+        assert tokenizer.decode(ids[len(prompt) :]) == answer["content"] + END
+
+
 # --- special tokens typed in the data -------------------------------------------------------------------------------
 
 INJECTED = [
