@@ -160,7 +160,7 @@ class TextPieces:
     """Tokenizes rendered text in which the data's special-token texts stand as private-use characters.
 
     `escape` swaps each special token typed in the data's strings for a private-use character (one per distinct
-    text, none that the data already holds); `ids` tokenizes a piece of the rendering: the template's markers as
+    text, none that the data already holds); `tokens` tokenizes a piece of the rendering: the template's markers as
     special tokens, the swapped texts as plain characters.
     """
 
@@ -216,11 +216,12 @@ class TextPieces:
 
     def _text_tokens(self, piece: str, start: int, end: int) -> list[tuple[int, int]]:
         """piece[start:end] with the swapped texts restored, tokenized as plain text; offsets in the piece."""
-        text, origin = "", []
+        parts, origin = [], []
         for position in range(start, end):
             restored = self.literal.get(piece[position], piece[position])
-            text += restored
+            parts.append(restored)
             origin += [position] * len(restored)
+        text = "".join(parts)
         if not text:
             return []
         encoding = self.tokenizer(
