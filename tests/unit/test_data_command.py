@@ -156,5 +156,7 @@ def test_convert_tool_calls_to_alpaca_is_refused(tmp_path, tiny_model_dir, capsy
         ]
     }
     path = write_rows(tmp_path / "tools.jsonl", [row])
-    assert data_cli(tiny_model_dir, "convert", f"dataset={path}", "--to", "alpaca") == 2
-    assert "tools.jsonl row 1: tool calls and tool results have no alpaca form" in capsys.readouterr().err
+    assert data_cli(tiny_model_dir, "convert", f"dataset={path}", "--to", "alpaca") == 1
+    out = capsys.readouterr().out
+    assert "cannot convert: " in out and "tools.jsonl row 1: tool calls and tool results have no alpaca form" in out
+    assert '"instruction"' not in out  # nothing written

@@ -108,7 +108,9 @@ BOS_COUNT |= {"summarize": 1, "llama2": 2}  # llama2 opens every [INST] with BOS
 
 REASONING = {"deepseekr1", "qwen3"}  # templates that write a thought before each answer
 
-# Markers that the models' own tokenizers hold as single tokens
+# Markers that the models' own tokenizers hold as single tokens; thoughts are written by the data too, so the models'
+# tokenizers keep them as plain added tokens, not special ones
+THOUGHT_WORDS = {"<think>", "</think>"}
 SPECIAL_WORDS = [
     *{find_template(name).end_of_turn for name in TEMPLATES} - {None},
     *("<|im_start|>", "<|observation|>", "<|eom_id|>"),
@@ -131,7 +133,8 @@ def tokenizer():
     """SmolLM2's tokenizer made to look like the other families': BOS <s> (added by default), EOS </s>, markers."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
     tokenizer.add_special_tokens({"bos_token": B, "eos_token": E})
-    tokenizer.add_tokens(sorted(set(SPECIAL_WORDS) - {E}), special_tokens=True)
+    tokenizer.add_tokens(sorted(set(SPECIAL_WORDS) - {E} - THOUGHT_WORDS), special_tokens=True)
+    tokenizer.add_tokens(sorted(THOUGHT_WORDS))  # plain added tokens, as in Qwen3's and DeepSeek-R1's tokenizers
     tokenizer.add_bos_token = True  # like Llama's: a template's BOS must not be doubled
     return tokenizer
 
@@ -157,7 +160,7 @@ def test_rendering_and_label_mask(tokenizer, name):
     text = tokenizer.apply_chat_template(CONVERSATION, chat_template=chat_format.jinja, tokenize=False)
     assert text == GOLDEN[name]
     encoded = encode_conversation(tokenizer, chat_format.jinja, CONVERSATION, cutoff_len=512)
-    assert encoded.input_ids == tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenizer.decode(encoded.input_ids) == text
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(encoded.input_ids, encoded.labels, strict=True))
     assert supervised_text(tokenizer, encoded) == SUPERVISED[name]
     assert encoded.input_ids.count(tokenizer.bos_token_id) == BOS_COUNT.get(name, 0)
@@ -165,7 +168,11 @@ def test_rendering_and_label_mask(tokenizer, name):
         assert encoded.input_ids[0] == tokenizer.bos_token_id
     last_answer_only = encode_conversation(tokenizer, chat_format.jinja, CONVERSATION, 512, mask_history=True)
     if name not in REASONING:  # reasoning templates drop history thoughts then (tested below)
-        assert last_answer_only.input_ids == encoded.input_ids
+        assert tokenizer.decode(last_answer_only.input_ids) == text
+    prompt = render(tokenizer, name, CONVERSATION[:-1], add_generation_prompt=True, preserve_thinking=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids  # what inference feeds the model
+    assert last_answer_only.input_ids[: len(prompt_ids)] == prompt_ids
+    assert set(last_answer_only.labels[: len(prompt_ids)]) == {IGNORE_INDEX}
     assert SUPERVISED[name].endswith(supervised_text(tokenizer, last_answer_only))
     assert "A1" not in supervised_text(tokenizer, last_answer_only)
 

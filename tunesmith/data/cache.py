@@ -25,7 +25,7 @@ from typing import Any
 from tunesmith.model.resolve import cache_root as tunesmith_cache
 
 META_FILE = "tunesmith_cache.json"
-CACHE_FORMAT = 1  # bump when the layout of an entry changes
+CACHE_FORMAT = 2  # bump when an entry's layout or the encoding changes (2: answers tokenized apart, data specials)
 
 
 def cache_root(cache_dir: str | None) -> Path:

@@ -8,7 +8,10 @@ template, cutoff_len, stage, ...), so what it reports is what a run with that co
   dataset_dir/dataset_info.json whose files are present is checked.
 - preview: N examples rendered with the trained tokens highlighted; `--json` prints one object per example with
   `input_ids` and `labels` instead.
-- convert: rewrite a dataset as alpaca, ShareGPT or OpenAI-messages JSON lines.
+- convert: rewrite a dataset as alpaca, ShareGPT or OpenAI-messages JSON lines that read back as the same examples
+  (preference pairs, KTO labels, tools, media and pre-training text included). Each dataset is read for the stage
+  its rows are for. A row the target cannot hold (tool calls in alpaca, text beside tool calls in ShareGPT) is
+  reported with its file and row, and then nothing is written.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from tunesmith.config.load import parse_overrides
 from tunesmith.data.cache import cache_root
 from tunesmith.data.dataset import DataStep
 from tunesmith.data.encode import IGNORE_INDEX
-from tunesmith.data.formats import Conversation, Example
+from tunesmith.data.formats import Example, read_rows
 from tunesmith.data.multimodal import ModelMedia
 from tunesmith.data.registry import DatasetSpec, load_registry, resolve_datasets
 from tunesmith.data.selection import select_rows
+from tunesmith.data.stages import MEDIA_COLUMNS
 from tunesmith.errors import DataError, TunesmithError
 from tunesmith.model.load import load_chat_tokenizer, load_processor
 from tunesmith.model.resolve import resolve_model
@@ -68,8 +72,12 @@ def run(args: argparse.Namespace) -> int:
     steps: dict[str, DataStep] = {}
 
     def step_for(spec: DatasetSpec) -> DataStep:
-        """A whole registry mixes stages: each entry is read for its own (preference pairs for dpo, ...)."""
-        stage = spec.natural_stage if whole_registry else config.method.stage
+        """A whole registry mixes stages: each entry is read for its own (preference pairs for dpo, ...); so does
+        convert, which keeps whatever the rows hold."""
+        if args.action == "convert":
+            stage = reading_stage(spec)
+        else:
+            stage = spec.natural_stage if whole_registry else config.method.stage
         if stage not in steps:
             steps[stage] = DataStep(config.data, tokenizer, chat_format.jinja, stage, config.train.seed, root, media)
         return steps[stage]
@@ -246,18 +254,25 @@ def _runs(ids: list[int], labels: list[int]) -> Iterator[tuple[bool, list[int]]]
         yield bool(current), group
 
 
-# --- convert --------------------------------------------------------------------------------------------------------
+# --- convert ---------------------------------------------------------------------------------------------------------
 
 
 def convert(pairs: list[tuple[DataStep, DatasetSpec]], target: str, output: str | None) -> int:
+    """Every row rewritten as `target`, or nothing written: a row the format cannot hold (or a bad row) is reported
+    with its file and row number, so no part of the data is dropped without a word."""
+    errors: list[DataError] = []
+    written = sum(1 for _ in converted_rows(pairs, target, errors))  # a first pass finds every refused row
+    if errors:
+        for error in errors[:MAX_ERRORS_SHOWN]:
+            print(f"  cannot convert: {error}")
+        if len(errors) > MAX_ERRORS_SHOWN:
+            print(f"  ... and {len(errors) - MAX_ERRORS_SHOWN} more")
+        print(f"{len(errors)} row(s) cannot be written as {target}; nothing written")
+        return 1
     out = open(output, "w", encoding="utf-8") if output else sys.stdout  # noqa: SIM115 (stdout is not closed)
-    written = 0
     try:
-        for step, spec in pairs:
-            reader = step.reader(spec)
-            for example in reader.examples(selected_rows(step, spec)):
-                out.write(json.dumps(to_format(example, target), ensure_ascii=False) + "\n")
-                written += 1
+        for row in converted_rows(pairs, target):
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
     finally:
         if output:
             out.close()
@@ -265,59 +280,127 @@ def convert(pairs: list[tuple[DataStep, DatasetSpec]], target: str, output: str 
     return 0
 
 
+def converted_rows(
+    pairs: list[tuple[DataStep, DatasetSpec]], target: str, errors: list[DataError] | None = None
+) -> Iterator[dict[str, Any]]:
+    """The rows as `target`; a bad or refused row raises, or, given an `errors` list, is recorded there."""
+    for step, spec in pairs:
+        reader = step.reader(spec)
+        for example in reader.examples(selected_rows(step, spec), errors):
+            try:
+                yield to_format(example, target)
+            except DataError as error:
+                if errors is None:
+                    raise
+                errors.append(error)
+
+
+def reading_stage(spec: DatasetSpec) -> str:
+    """The stage a dataset's rows are for (preference pairs, KTO labels, text, chat): convert keeps what they hold."""
+    if not spec.from_path:
+        return spec.natural_stage
+    first = next(read_rows(spec.files[0]), None)
+    keys = set(first.data) if first else set()
+    if {"chosen", "rejected"} <= keys:
+        return "dpo"
+    if "kto_tag" in keys:
+        return "kto"
+    if "text" in keys and not keys & {"instruction", "messages", "conversations"}:
+        return "pt"
+    return "sft"
+
+
 def to_format(example: Example, target: str) -> dict[str, Any]:
-    messages = example.messages
-    if target == "openai":
-        row: dict[str, Any] = {"messages": messages}
-    elif target == "sharegpt":
-        row = sharegpt_row(messages)
-    else:
-        row = alpaca_row(messages, example.where)
-    if example.tools:
-        row["tools"] = example.tools if target == "openai" else json.dumps(example.tools, ensure_ascii=False)
-    for media in ("images", "videos", "audios"):
+    """One example as a row of `target` that reads back as the same example; what `target` cannot hold is refused."""
+    if example.text is not None:
+        return {"text": example.text}  # pre-training text has one form in every format
+    writers = {"openai": openai_row, "sharegpt": sharegpt_row, "alpaca": alpaca_row}
+    row = writers[target](example)
+    if example.kto_tag is not None:
+        row["kto_tag"] = example.kto_tag
+    for media in MEDIA_COLUMNS:
         if getattr(example, media):
             row[media] = getattr(example, media)
+    return row
+
+
+def openai_row(example: Example) -> dict[str, Any]:
+    row: dict[str, Any] = {"messages": example.messages}
+    if example.tools:
+        row["tools"] = example.tools
+    if example.chosen is not None:
+        row["chosen"], row["rejected"] = example.chosen, example.rejected
     return row
 
 
 SHAREGPT_ROLES = {"user": "human", "assistant": "gpt", "tool": "observation"}
 
 
-def sharegpt_row(messages: Conversation) -> dict[str, Any]:
+def sharegpt_row(example: Example) -> dict[str, Any]:
+    """LLaMA-Factory's ShareGPT: `system` and `tools` (JSON text) columns; each assistant's tool calls are one
+    function_call turn (a list when there are several)."""
     row: dict[str, Any] = {}
     turns = []
-    for message in messages:
+    for message in example.messages:
         if message["role"] == "system":
             row["system"] = message["content"]
-            continue
-        for call in message.get("tool_calls") or []:
-            function = call["function"]
-            arguments = function["arguments"]
-            value = json.dumps(
-                {
-                    "name": function["name"],
-                    "arguments": json.loads(arguments) if isinstance(arguments, str) else arguments,
-                },
-                ensure_ascii=False,
-            )
-            turns.append({"from": "function_call", "value": value})
-        if message["content"] or not message.get("tool_calls"):
-            turns.append({"from": SHAREGPT_ROLES[message["role"]], "value": message["content"]})
+        else:
+            turns.append(sharegpt_turn(message, example.where))
     row["conversations"] = turns
+    if example.tools:
+        row["tools"] = tools_text(example.tools)
+    if example.chosen is not None and example.rejected is not None:
+        row["chosen"] = sharegpt_turn(example.chosen, f"{example.where}, `chosen`")
+        row["rejected"] = sharegpt_turn(example.rejected, f"{example.where}, `rejected`")
     return row
 
 
-def alpaca_row(messages: Conversation, where: str) -> dict[str, Any]:
-    """system, history pairs, then the last user turn as instruction and the last answer as output."""
+def sharegpt_turn(message: dict[str, Any], where: str) -> dict[str, str]:
+    calls = message.get("tool_calls")
+    if not calls:
+        return {"from": SHAREGPT_ROLES[message["role"]], "value": message["content"]}
+    if message["content"]:
+        raise DataError(
+            f"{where}: an assistant message with both text and tool calls has no ShareGPT form (a function_call turn "
+            "holds only the calls); convert to openai"
+        )
+    written = [
+        {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}
+        | ({"id": call["id"]} if "id" in call else {})
+        for call in calls
+    ]
+    value = written[0] if len(written) == 1 else written
+    return {"from": "function_call", "value": json.dumps(value, ensure_ascii=False)}
+
+
+def tools_text(tools: list[dict[str, Any]]) -> str:
+    """Tool definitions as LLaMA-Factory's ShareGPT and alpaca rows hold them: JSON text of the functions."""
+    return json.dumps([tool["function"] for tool in tools], ensure_ascii=False)
+
+
+def alpaca_row(example: Example) -> dict[str, Any]:
+    """system, history pairs, then the last user turn as instruction and the last answer as output (or the
+    preference pair's `chosen` and `rejected`)."""
+    where, messages = example.where, example.messages
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-    turns = messages[1:] if system else messages
-    if any(m["role"] not in ("user", "assistant") or m.get("tool_calls") for m in turns):
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    answers = [answer for answer in (example.chosen, example.rejected) if answer is not None]
+    if any(m["role"] not in ("user", "assistant") or m.get("tool_calls") for m in [*turns, *answers]):
         raise DataError(f"{where}: tool calls and tool results have no alpaca form; convert to sharegpt or openai")
-    pairs = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns) - 2, 2)]
-    row: dict[str, Any] = {"instruction": turns[-2]["content"], "input": "", "output": turns[-1]["content"]}
+    last = len(turns) - (1 if answers else 2)  # the last user turn
+    if last < 0 or turns[last]["role"] != "user" or not turns[last]["content"]:
+        raise DataError(f"{where}: alpaca needs a non-empty last user message (its `instruction`); convert to openai")
+    row: dict[str, Any] = {"instruction": turns[last]["content"], "input": ""}
+    if answers:
+        row["chosen"], row["rejected"] = (answer["content"] for answer in answers)
+    else:
+        row["output"] = turns[-1]["content"]
+    if not all(row.get(key, True) for key in ("output", "chosen", "rejected")):
+        raise DataError(f"{where}: alpaca cannot hold an empty answer; convert to sharegpt or openai")
     if system:
         row["system"] = system
-    if pairs:
-        row["history"] = pairs
+    if last:
+        row["history"] = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, last, 2)]
+    if example.tools:
+        row["tools"] = tools_text(example.tools)
     return row

@@ -1,10 +1,24 @@
 """A conversation → token ids and labels, with the masking decided here and nowhere else.
 
-The whole conversation is rendered once with the chat template and tokenized once, so the ids are exactly what
-`tokenizer.apply_chat_template` gives. Which tokens are trained is found in character space: the text each
-assistant turn adds (its content and end-of-turn token) is the difference between rendering the conversation up
-to that turn and rendering it up to the turn before with the generation prompt. Tokens that start inside such a
-span get their id as label; every other token gets -100 unless `train_on_prompt` is set.
+The conversation is rendered with the chat template (`tokenizer.apply_chat_template`'s text). Which text each trained
+assistant turn adds (its content and end-of-turn marker) is found by rendering: it is the difference between
+rendering the conversation up to that turn and rendering it up to the turn before with the generation prompt.
+
+The ids follow one rule (DESIGN.md, "The prompt/answer boundary"): a trained turn is its prompt's ids exactly as
+inference tokenizes `apply_chat_template(..., add_generation_prompt=True)`, followed by the ids of the answer's text
+tokenized by itself, every one of them supervised. So the text is cut at each trained answer's start and end and
+each piece is tokenized alone. Tokenizing the whole text at once would let BPE merge the generation prompt's last
+`\\n` with an answer's leading spaces into one prompt token: the answer's first character would never be trained,
+and the merged token never occurs at inference, where the model must write that space itself.
+
+Special tokens come from the template, never from the data: a row that types `<|im_end|>` is tokenized as those
+characters (`split_special_tokens`), so it cannot end a turn or move the label mask. Each special token in the
+row's strings is swapped for a private-use character while rendering, so the template's own markers are the only
+special tokens in the rendered text; the swapped text is tokenized with special tokens split.
+
+Both need a tokenizer that tokenizes text in pieces as it tokenizes the whole (byte-level BPE: GPT-2, Llama 3, Qwen,
+SmolLM2). A SentencePiece tokenizer that puts a space before the first piece of every text would put one before
+every piece, so it gets the whole text tokenized at once, labelled by character spans, as before.
 
 With `mask_history` only the last assistant turn is trained: earlier turns are context, rendered as at inference
 (reasoning templates drop their thoughts: `preserve_thinking=False`). Otherwise every assistant turn is trained, and
@@ -14,7 +28,10 @@ in the text.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
+from typing import Any
 
 from tunesmith.data.formats import Conversation
 from tunesmith.errors import DataError
@@ -86,15 +103,156 @@ def encode_conversation(
     tools: list[dict] | None = None,
     mask_history: bool = False,
 ) -> Encoded:
+    pieces = TextPieces(tokenizer)
+    if pieces.tokenizer_info.tokenizes_in_pieces:
+        messages, tools = pieces.escape((messages, tools))
     text, spans = assistant_spans(tokenizer, chat_template, messages, tools, mask_history)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids: list[int] = encoding["input_ids"]
-    labels = []
+    cuts = [0, len(text)]
+    if pieces.tokenizer_info.tokenizes_in_pieces:  # each trained answer starts a piece of its own
+        cuts = [0, *(start for start, _end in spans if start > 0), len(text)]
+    input_ids: list[int] = []
+    labels: list[int] = []
     span_index = 0
-    for token_id, (start, _end) in zip(input_ids, encoding["offset_mapping"], strict=True):
-        while span_index < len(spans) and start >= spans[span_index][1]:
-            span_index += 1
-        in_assistant = span_index < len(spans) and spans[span_index][0] <= start
-        labels.append(token_id if (in_assistant or train_on_prompt) else IGNORE_INDEX)
+    for piece_start, piece_end in itertools.pairwise(cuts):
+        for token_id, offset in pieces.tokens(text[piece_start:piece_end]):
+            start = piece_start + offset
+            while span_index < len(spans) and start >= spans[span_index][1]:
+                span_index += 1
+            in_assistant = span_index < len(spans) and spans[span_index][0] <= start
+            input_ids.append(token_id)
+            labels.append(token_id if (in_assistant or train_on_prompt) else IGNORE_INDEX)
     truncated = len(input_ids) > cutoff_len
     return Encoded(input_ids[:cutoff_len], labels[:cutoff_len], truncated)
+
+
+# --- the data's text, tokenized as text -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    special_ids: frozenset[int]
+    tokenizes_in_pieces: bool  # "a\n" and "b" tokenized apart give the ids of "a\nb"
+
+
+def tokenizer_info(tokenizer) -> TokenizerInfo:
+    return _tokenizer_info(tokenizer, len(tokenizer))  # the length: a token added since is seen
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_info(tokenizer, _size: int) -> TokenizerInfo:
+    special_ids = frozenset(index for index, token in tokenizer.added_tokens_decoder.items() if token.special)
+    whole = _plain_ids(tokenizer, "a\nb")
+    tokenizes_in_pieces = whole == _plain_ids(tokenizer, "a\n") + _plain_ids(tokenizer, "b")
+    return TokenizerInfo(special_ids, tokenizes_in_pieces)
+
+
+def _plain_ids(tokenizer, text: str, split_special_tokens: bool = False) -> list[int]:
+    if not text:
+        return []
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
+
+
+# Supplementary Private Use Area-B: characters no tokenizer gives a meaning to, standing in for a special token's text.
+_PRIVATE_USE = range(0x10FFFD, 0x100000, -1)
+
+
+class TextPieces:
+    """Tokenizes rendered text in which the data's special-token texts stand as private-use characters.
+
+    `escape` swaps each special token typed in the data's strings for a private-use character (one per distinct
+    text, none that the data already holds); `tokens` tokenizes a piece of the rendering: the template's markers as
+    special tokens, the swapped texts as plain characters.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokenizer_info = tokenizer_info(tokenizer)
+        self.literal: dict[str, str] = {}  # private-use character → the special token's text it stands for
+
+    def escape(self, value: Any) -> Any:
+        """Messages and tool definitions with special-token texts swapped out of every string but the roles."""
+        strings = _strings(value)
+        if not strings:
+            return value
+        encodings = self.tokenizer(strings, add_special_tokens=False, return_offsets_mapping=True)
+        found: dict[str, list[tuple[int, int]]] = {}
+        for text, ids, offsets in zip(strings, encodings["input_ids"], encodings["offset_mapping"], strict=True):
+            places = [
+                span for token, span in zip(ids, offsets, strict=True) if token in self.tokenizer_info.special_ids
+            ]
+            if places:
+                found[text] = places
+        if not found:
+            return value
+        taken = set("".join(strings)) | set(self.literal)
+        free = (chr(code) for code in _PRIVATE_USE if chr(code) not in taken)
+        stand_in: dict[str, str] = {}
+        escaped: dict[str, str] = {}
+        for text, places in found.items():
+            parts, start = [], 0
+            for begin, end in places:
+                literal = text[begin:end]
+                if literal not in stand_in:
+                    stand_in[literal] = next(free)
+                    self.literal[stand_in[literal]] = literal
+                parts += [text[start:begin], stand_in[literal]]
+                start = end
+            escaped[text] = "".join([*parts, text[start:]])
+        return _replace_strings(value, escaped)
+
+    def tokens(self, piece: str) -> list[tuple[int, int]]:
+        """Each token of a piece of the rendering with the offset in the piece where it starts."""
+        encoding = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        if not any(character in piece for character in self.literal):
+            return [(token, begin) for token, (begin, _end) in zip(*_ids_and_offsets(encoding), strict=True)]
+        # the template's markers are the only special tokens left in the piece; between them, the data's text
+        result: list[tuple[int, int]] = []
+        start = 0
+        for token, (begin, end) in zip(*_ids_and_offsets(encoding), strict=True):
+            if token in self.tokenizer_info.special_ids:
+                result += [*self._text_tokens(piece, start, begin), (token, begin)]
+                start = end
+        return result + self._text_tokens(piece, start, len(piece))
+
+    def _text_tokens(self, piece: str, start: int, end: int) -> list[tuple[int, int]]:
+        """piece[start:end] with the swapped texts restored, tokenized as plain text; offsets in the piece."""
+        parts, origin = [], []
+        for position in range(start, end):
+            restored = self.literal.get(piece[position], piece[position])
+            parts.append(restored)
+            origin += [position] * len(restored)
+        text = "".join(parts)
+        if not text:
+            return []
+        encoding = self.tokenizer(
+            text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+        )
+        last = len(origin) - 1
+        return [
+            (token, origin[min(begin, last)]) for token, (begin, _end) in zip(*_ids_and_offsets(encoding), strict=True)
+        ]
+
+
+def _ids_and_offsets(encoding) -> tuple[list[int], list[tuple[int, int]]]:
+    return encoding["input_ids"], encoding["offset_mapping"]
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in messages or tool definitions except a message's role."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [text for item in value for text in _strings(item)]
+    if isinstance(value, dict):
+        return [text for key, item in value.items() if key != "role" for text in _strings(item)]
+    return []
+
+
+def _replace_strings(value: Any, replacements: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return replacements.get(value, value)
+    if isinstance(value, list | tuple):
+        return type(value)(_replace_strings(item, replacements) for item in value)
+    if isinstance(value, dict):
+        return {key: item if key == "role" else _replace_strings(item, replacements) for key, item in value.items()}
+    return value

@@ -12,6 +12,7 @@ Each input format is one function from a row to an example:
   observation. A function_call turn becomes an assistant message with `tool_calls`
   (`[{"type": "function", "function": {"name", "arguments": <JSON string>}}]`); an observation a `tool` message.
 - OpenAI: `messages` of `{"role", "content"}`, assistant messages possibly with `tool_calls`, `tool` results.
+A tool call's `arguments` are kept as JSON text in one spelling (`json.dumps`), however the row wrote them.
 - text: one text column (pre-training).
 Column and tag names follow LLaMA-Factory's dataset_info.json (`Columns`, `ShareGPTTags`). Every error names the
 file, the row and the field, and says what would be valid.
@@ -384,12 +385,14 @@ def _tool_call(call: Any, place: str) -> dict[str, Any]:
     arguments = function.get("arguments")
     if arguments is None:
         arguments = "{}"
-    elif isinstance(arguments, str):
-        try:
-            json.loads(arguments)
-        except json.JSONDecodeError:
-            raise DataError(f"{place}: the `arguments` of {function['name']!r} are not valid JSON") from None
     else:
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise DataError(f"{place}: the `arguments` of {function['name']!r} are not valid JSON") from None
+        # one spelling of the same JSON, whichever way a row wrote it: what templates render (`tojson`) and
+        # what every format can give back
         arguments = json.dumps(arguments, ensure_ascii=False)
     result: dict[str, Any] = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
     if isinstance(call, dict) and isinstance(call.get("id"), str):

@@ -1,6 +1,7 @@
 """Examples → token ids and labels, by training stage. The masking itself is decided in `encode.py`.
 
-- pt: the text + EOS (BOS first if the tokenizer adds one), every token supervised, cut into cutoff_len pieces.
+- pt: the text + EOS (BOS first if the tokenizer adds one), every token supervised, cut into cutoff_len pieces; a
+  special token's text in the data (`<|endoftext|>`) is tokenized as plain characters.
 - sft: the conversation; assistant turns supervised (or everything with `train_on_prompt`; only the last with
   `mask_history`). `input_ids`, `labels`.
 - rm, dpo, orpo, simpo (preference pairs): prompt + chosen and prompt + rejected, each with only the answer
@@ -143,7 +144,8 @@ class Encoder:
         tokenizer, cutoff = self.tokenizer, self.settings.cutoff_len
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no EOS token to end each text with")
-        ids = tokenizer(example.text, add_special_tokens=False)["input_ids"]
+        # a special token's text in the data is text: only the EOS added here ends a document
+        ids = tokenizer(example.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
             ids = [tokenizer.bos_token_id, *ids]
         ids = [*ids, tokenizer.eos_token_id]
