@@ -603,6 +603,13 @@ def resolve_chat_format(template: str | None, tokenizer) -> ChatFormat:
     return ChatFormat(named.jinja(), eos_token, source)
 
 
+def use_chat_format(tokenizer, template: str | None) -> ChatFormat:
+    """The run's chat format (`resolve_chat_format`), installed in the tokenizer (`install_chat_format`)."""
+    chat_format = resolve_chat_format(template, tokenizer)
+    install_chat_format(tokenizer, chat_format)
+    return chat_format
+
+
 def install_chat_format(tokenizer, chat_format: ChatFormat) -> None:
     """Make the tokenizer render and stop like the run, so that a saved tokenizer chats the way it was trained."""
     tokenizer.chat_template = chat_format.jinja

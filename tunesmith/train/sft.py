@@ -18,6 +18,7 @@ from tunesmith.config import SAVED_CONFIG_FILE, RunConfig, config_to_flat_dict
 from tunesmith.data.collate import PackedBatches, PadToLongest
 from tunesmith.data.dataset import load_sft_data
 from tunesmith.data.packing import pack_dataset
+from tunesmith.data.templates import use_chat_format
 from tunesmith.distributed import deepspeed, fsdp
 from tunesmith.errors import ConfigError
 from tunesmith.model.adapters import (
@@ -35,7 +36,7 @@ from tunesmith.model.kernels import (
     choose_attention,
     load_with_unsloth,
 )
-from tunesmith.model.load import choose_precision, load_chat_tokenizer, load_model
+from tunesmith.model.load import choose_precision, load_model, load_tokenizer
 from tunesmith.model.quantize import check_cpu_4bit_shapes, prepare_for_kbit_training, quantization_for
 from tunesmith.model.resolve import resolve_model
 from tunesmith.patches import apply_fsdp_on_cpu_processes
@@ -76,7 +77,8 @@ def run_sft(config: RunConfig) -> TrainResult:
     attention = check_speed_paths(config, precision.dtype)  # a GPU-only key fails here, before any loading
 
     model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
-    tokenizer, chat_format = load_chat_tokenizer(model_dir, config.data.template, config.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
+    chat_format = use_chat_format(tokenizer, config.data.template)
 
     # Data before weights: a bad row should fail in seconds, not after a model download.
     data = load_sft_data(
