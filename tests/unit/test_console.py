@@ -88,3 +88,14 @@ def test_the_libraries_a_run_uses_are_the_ones_heard():
     assert libraries_in_use(load_config(None, ["dataset=x", "quantization_bit=4"])) == ["bitsandbytes"]
     assert libraries_in_use(load_config(None, ["dataset=x", "optim=paged_adamw_8bit"])) == ["bitsandbytes"]
     assert libraries_in_use(load_config(None, ["dataset=x", "deepspeed=ds_z2"])) == ["DeepSpeed"]
+
+
+def test_verbose_reaches_the_processes_torchrun_starts(monkeypatch):
+    from tunesmith.cli import main
+    from tunesmith.distributed import launch
+
+    commands = []
+    monkeypatch.setattr(launch, "run_torchrun", lambda command: commands.append(command) or 0)
+    assert main(["train", "dataset=x", "nproc_per_node=2"]) == 0
+    assert main(["train", "dataset=x", "nproc_per_node=2", "--verbose"]) == 0
+    assert [command[-1] for command in commands] == ["nproc_per_node=2", "--verbose"]
