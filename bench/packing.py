@@ -72,11 +72,13 @@ def measure_data(cutoff_len: int, batch_size: int) -> tuple[dict[str, Padding], 
     from tunesmith.config import load_config
     from tunesmith.data.dataset import load_sft_data
     from tunesmith.data.packing import pack_dataset
-    from tunesmith.model.load import load_chat_tokenizer
+    from tunesmith.data.templates import use_chat_format
+    from tunesmith.model.load import load_tokenizer
     from tunesmith.model.resolve import resolve_model
 
     config = load_config(None, [f"dataset={DATASET}", f"dataset_dir={REPO / 'data'}", f"cutoff_len={cutoff_len}"])
-    tokenizer, chat_format = load_chat_tokenizer(resolve_model(MODEL_ALIAS), None)
+    tokenizer = load_tokenizer(resolve_model(MODEL_ALIAS))
+    chat_format = use_chat_format(tokenizer, None)
     throughput = {}
     with tempfile.TemporaryDirectory(prefix="tunesmith-bench-cache-") as cache:  # cold: an empty cache
         for attempt in ("cold", "cached"):

@@ -1,7 +1,11 @@
 """The `tunesmith` command: a table of subcommands, each one module with `add_arguments` and `run`.
 
 A `TunesmithError` (bad config, data, model or output directory) is printed as one or two lines and exits with
-status 2; any other exception is a bug and keeps its traceback.
+status 2; any other exception is a bug in tunesmith: it keeps its traceback, ends with a line asking for a report,
+and exits with status 1.
+
+`--verbose` (before or after the command's name) shows the libraries' warnings, which are hidden by default
+(tunesmith/console.py).
 """
 
 from __future__ import annotations
@@ -11,8 +15,13 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from tunesmith import __version__
+from tunesmith import __version__, console
 from tunesmith.errors import TunesmithError
+
+BUG_NOTE = (
+    "This is a bug in tunesmith, not a mistake in your config: please report it with this traceback and the "
+    "output of `tunesmith version`."
+)
 
 # name → (module holding add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,17 +36,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune large language models.")
     parser.add_argument("--version", action="version", version=f"tunesmith {__version__}")
+    add_verbose_flag(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(subparser)
+        add_verbose_flag(subparser, default=argparse.SUPPRESS)  # absent here: the top-level value stands
         subparser.set_defaults(run=module.run)
     return parser
 
 
+def add_verbose_flag(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument(
+        "--verbose", action="store_true", default=default, help="show the libraries' warnings and notices too"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.configure(verbose=args.verbose)
     try:
         return args.run(args) or 0
     except TunesmithError as error:
@@ -46,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # not a user's mistake: keep the traceback (re-raised) and ask for a report
+        error.add_note(BUG_NOTE)
+        raise
 
 
 if __name__ == "__main__":

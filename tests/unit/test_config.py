@@ -114,6 +114,30 @@ def test_override_values_are_typed():
         parse_overrides(["learning_rate"])
 
 
+def test_override_text_stays_text_and_broken_yaml_is_refused():
+    typed = [
+        "name=Tunesmith",
+        'author="the tunesmith team"',  # the quotes reached us: YAML removes them
+        "lora_target=q_proj,v_proj",
+        "template=llama3",
+        "default_system=Answer: yes",  # YAML would read a mapping
+        "a=*bold* @home",  # YAML would refuse an alias and a reserved character
+        "column_map={prompt: instruction}",
+    ]
+    assert parse_overrides(typed) == {
+        "name": "Tunesmith",
+        "author": "the tunesmith team",
+        "lora_target": "q_proj,v_proj",
+        "template": "llama3",
+        "default_system": "Answer: yes",
+        "a": "*bold* @home",
+        "column_map": {"prompt": "instruction"},
+    }
+    for broken in ("x=[1,2", 'x="a b', "x={a: 1"):
+        with pytest.raises(ConfigError, match=r"`x=.*` is not valid YAML \(.*\): a value that starts with \["):
+            parse_overrides([broken])
+
+
 def test_val_size_fraction_or_count():
     assert load_config(None, ["dataset=x", "val_size=0.1"]).data.val_size == 0.1
     assert load_config(None, ["dataset=x", "val_size=20"]).data.val_size == 20

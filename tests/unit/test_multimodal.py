@@ -133,13 +133,15 @@ def load_media_data(model_dir: Path, data_dir: Path, *overrides: str):
     from tunesmith.config import load_config
     from tunesmith.data.dataset import load_sft_data
     from tunesmith.data.multimodal import ModelMedia
-    from tunesmith.model.load import load_chat_tokenizer, load_processor
+    from tunesmith.data.templates import use_chat_format
+    from tunesmith.model.load import load_processor, load_tokenizer
 
     config = load_config(
         None, [f"model_name_or_path={model_dir}", f"dataset_dir={data_dir}", "dataset=mllm_demo", *overrides]
     )
     processor = load_processor(str(model_dir))
-    tokenizer, chat_format = load_chat_tokenizer(str(model_dir), None, processor=processor)
+    tokenizer = load_tokenizer(str(model_dir))
+    chat_format = use_chat_format(tokenizer, None, processor)
     media = ModelMedia.of(config.model, processor)
     data = load_sft_data(config.data, tokenizer, chat_format.jinja, 42, cache_dir=str(data_dir / "cache"), media=media)
     return data, tokenizer, chat_format, media

@@ -56,27 +56,46 @@ KEY_TO_SECTION: dict[str, str] = {key: section for section, model in SECTIONS.it
 
 
 def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
-    """`["lr=1e-4", "name=Tunesmith"]` → `{"lr": 0.0001, "name": "Tunesmith"}`; values are read as YAML scalars."""
+    """`["lr=1e-4", "name=Tunesmith"]` → `{"lr": 0.0001, "name": "Tunesmith"}`, each value by `override_value`."""
     parsed: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {pair!r} is not of the form key=value (for example learning_rate=1e-4)")
-        parsed[key.strip().lstrip("-")] = _yaml_scalar(raw)
+        parsed[key.strip().lstrip("-")] = override_value(key.strip().lstrip("-"), raw)
     return parsed
 
 
-def _yaml_scalar(raw: str) -> Any:
-    """`1e-4` → 0.0001, `true` → True, `[a, b]` → a list; anything YAML reads as a mapping stays a string."""
+# A value starting with one of these is meant as YAML (a list, a mapping, a quoted string), so it must parse.
+YAML_OPENERS = ("[", "{", '"', "'")
+
+
+def override_value(key: str, raw: str) -> Any:
+    """The value of `key=raw`, read as YAML where the text means YAML, and as the text itself where it is prose.
+
+    `1e-4` → 0.0001, `true` → True, `8` → 8, `[a, b]` → a list, `{a: 1}` → a mapping, `"a b"` → a b; and text stays
+    text: `Tunesmith`, `the tunesmith team`, `q_proj,v_proj`, `Answer: yes` (YAML would read a mapping), `*bold*`
+    or `@home` (YAML would refuse them). A value that opens a list, a mapping or a quote but does not close it
+    (`[1, 2`, `"a b`) is an error: the shell or a typo ate part of it.
+    """
     if not raw.strip():
         return ""
+    meant_as_yaml = raw.lstrip().startswith(YAML_OPENERS)
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
+    except yaml.YAMLError as error:
+        if not meant_as_yaml:
+            return raw
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(
+            f"`{key}={raw}` is not valid YAML ({problem}): a value that starts with [, {{ or a quote must be "
+            f"complete; quote the whole argument for the shell, e.g. '{key}=[a, b]'"
+        ) from None
     if isinstance(value, str) and NUMBER.match(value):  # YAML 1.1 reads 1e-4 as a string
         return float(value)
-    return raw if isinstance(value, dict) else value
+    if isinstance(value, dict) and not meant_as_yaml:
+        return raw  # `Answer: yes` is a sentence, not a mapping
+    return value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -162,9 +181,14 @@ def describe_validation_error(error: ValidationError) -> str:
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
     """Read a YAML file (optional) and apply `key=value` overrides on top."""
+    return build_config(read_values(path, overrides))
+
+
+def read_values(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """The flat keys of a YAML file (optional) with `key=value` overrides on top, not validated yet."""
     values = flatten(read_yaml(path)) if path is not None else {}
     values.update(flatten(parse_overrides(overrides)))
-    return build_config(values)
+    return values
 
 
 def config_to_flat_dict(config: RunConfig) -> dict[str, Any]:

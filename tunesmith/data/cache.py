@@ -22,14 +22,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tunesmith.model.resolve import cache_root as tunesmith_cache
+from tunesmith.paths import cache_root as tunesmith_cache
 
 META_FILE = "tunesmith_cache.json"
 CACHE_FORMAT = 2  # bump when an entry's layout or the encoding changes (2: answers tokenized apart, data specials)
 
 
 def cache_root(cache_dir: str | None) -> Path:
-    """`datasets/` in tunesmith's cache folder, next to the converted models (`model.resolve.cache_root`)."""
+    """`datasets/` in tunesmith's cache folder (`tunesmith.paths`), next to the converted models."""
     return tunesmith_cache(cache_dir) / "datasets"
 
 
@@ -83,6 +83,7 @@ def code_digest() -> str:
 def load_entry(path: Path):
     """The cached dataset (or DatasetDict) and its metadata, or None if there is no complete entry."""
     from datasets import load_from_disk
+    from pyarrow import ArrowException
 
     meta_path = path / META_FILE
     if not meta_path.is_file():
@@ -90,7 +91,9 @@ def load_entry(path: Path):
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         return load_from_disk(str(path)), meta
-    except Exception as error:  # a damaged entry is rebuilt, never trusted
+    # A damaged entry is rebuilt, never trusted: a file gone (OSError), cut short or garbled (ArrowInvalid, a
+    # ValueError; JSONDecodeError, also one).
+    except (OSError, ValueError, ArrowException) as error:
         print(f"note: ignoring the unreadable cache entry {path} ({type(error).__name__}: {error})")
         return None
 

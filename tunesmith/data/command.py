@@ -26,8 +26,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import RunConfig, load_config
-from tunesmith.config.load import parse_overrides
+from tunesmith.config import RunConfig
+from tunesmith.config.load import build_config, read_values
 from tunesmith.data.cache import cache_root
 from tunesmith.data.dataset import DataStep
 from tunesmith.data.encode import IGNORE_INDEX
@@ -36,8 +36,9 @@ from tunesmith.data.multimodal import ModelMedia
 from tunesmith.data.registry import DatasetSpec, load_registry, resolve_datasets
 from tunesmith.data.selection import select_rows
 from tunesmith.data.stages import MEDIA_COLUMNS
+from tunesmith.data.templates import use_chat_format
 from tunesmith.errors import DataError, TunesmithError
-from tunesmith.model.load import load_chat_tokenizer, load_processor
+from tunesmith.model.load import load_processor, load_tokenizer
 from tunesmith.model.resolve import resolve_model
 
 FORMATS = ("alpaca", "sharegpt", "openai")
@@ -64,9 +65,8 @@ def run(args: argparse.Namespace) -> int:
     config, whole_registry = load_data_config(config_path, overrides)
     model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
     processor = load_processor(model_dir, config.model.trust_remote_code)  # None: a text-only model
-    tokenizer, chat_format = load_chat_tokenizer(
-        model_dir, config.data.template, config.model.trust_remote_code, processor
-    )
+    tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
+    chat_format = use_chat_format(tokenizer, config.data.template, processor)
     media = ModelMedia.of(config.model, processor)
     root = cache_root(config.model.cache_dir)
     steps: dict[str, DataStep] = {}
@@ -93,16 +93,14 @@ def run(args: argparse.Namespace) -> int:
 def load_data_config(config_path: str | None, overrides: list[str]) -> tuple[RunConfig, bool]:
     """The run's config, and whether it means a whole registry: without `dataset`, every entry of dataset_dir
     whose files are present."""
-    try:
-        return load_config(config_path, overrides), False
-    except TunesmithError as error:
-        if "`dataset` is empty" not in str(error):
-            raise
-    dataset_dir = str(parse_overrides(overrides).get("dataset_dir", "data"))
+    values = read_values(config_path, overrides)
+    if values.get("dataset"):
+        return build_config(values), False
+    dataset_dir = str(values.get("dataset_dir") or "data")
     present = [name for name, entry in load_registry(Path(dataset_dir)).items() if _files_present(entry, dataset_dir)]
     if not present:
         raise DataError(f"no dataset given, and {dataset_dir}/dataset_info.json lists none whose files are present")
-    return load_config(config_path, [*overrides, "dataset=" + ",".join(present)]), True
+    return build_config(values | {"dataset": ",".join(present)}), True
 
 
 def _files_present(entry: dict[str, Any], dataset_dir: str) -> bool:

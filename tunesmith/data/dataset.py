@@ -424,6 +424,8 @@ def rename_columns(rows: Iterable[Row], column_map: dict[str, str]) -> Iterator[
 def load_hub(spec: DatasetSpec, streaming: bool):
     """A registry entry's `hf_hub_url` via `datasets.load_dataset` (which applies the split slice, unless streamed)."""
     from datasets import load_dataset
+    from datasets.exceptions import DatasetsError
+    from huggingface_hub.errors import EntryNotFoundError
 
     entry = spec.entry
     split = spec.split.name if streaming else entry.split
@@ -435,7 +437,8 @@ def load_hub(spec: DatasetSpec, streaming: bool):
             f"connection ({error}). Download it where there is one, save it as a file in dataset_dir and set the "
             "entry's `file_name`"
         ) from None
-    except Exception as error:  # the hub's many error types; the message names the cause
+    except (OSError, ValueError, DatasetsError, EntryNotFoundError) as error:
+        # a missing or gated repository, a missing file (OSError); a wrong subset or split name (ValueError)
         raise DataError(
             f"dataset {spec.name!r}: loading {entry.hf_hub_url} from the Hugging Face hub failed "
             f"({type(error).__name__}: {error})"

@@ -23,12 +23,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, TemplateSyntaxError
 
 from tunesmith.data.encode import IGNORE_INDEX, Encoded, encode_conversation, render
 from tunesmith.data.formats import Conversation, Example, calls_as_content, tools_in_system
 from tunesmith.data.multimodal import ModelMedia
-from tunesmith.errors import DataError
+from tunesmith.errors import ConfigError, DataError
 
 PAIRWISE_STAGES = ("rm", "dpo", "orpo", "simpo")
 STAGES = ("pt", "sft", *PAIRWISE_STAGES, "kto")
@@ -71,9 +71,14 @@ def tool_support(tokenizer, chat_template: str) -> tuple[bool, bool]:
 
 
 def _renders(rendering) -> bool:
+    """A template that raises a template error on the probe (`raise_exception` refusing tool calls, or an undefined
+    field of our call format) cannot render it, and gets the fallback. One that does not compile is broken, and
+    any other exception is a bug: neither may quietly rewrite the tool data."""
     try:
         return _PROBE in rendering()
-    except Exception:  # a template that refuses tool calls or tools does not render them
+    except TemplateSyntaxError as error:
+        raise ConfigError(f"the chat template does not compile: {error.message} (line {error.lineno})") from None
+    except TemplateError:
         return False
 
 

@@ -8,6 +8,7 @@ weights into a fresh model built from the same config without the quantization e
 from __future__ import annotations
 
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -24,7 +25,9 @@ def convert_gguf(gguf_file: Path, target_dir: Path) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    except Exception as error:  # a broken or unsupported file: say which, and why
+    # A missing file (OSError), a damaged one (ValueError: bad magic, arrays that do not fit; struct.error: cut
+    # short inside the header) or an architecture transformers cannot read from GGUF (ValueError).
+    except (OSError, ValueError, struct.error) as error:
         raise ModelError(f"cannot read GGUF file {gguf_file}: {error}") from error
 
     config = gguf_model.config

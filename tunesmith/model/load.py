@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -40,6 +42,7 @@ def choose_precision(bf16: bool, fp16: bool) -> Precision:
 def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_remote_code(model_dir, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except OSError as error:
@@ -48,23 +51,6 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
         # Padding positions are masked out of attention and loss, so any existing token is a safe pad.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def load_chat_tokenizer(model_dir: str, template: str | None, trust_remote_code: bool = False, processor=None):
-    """The tokenizer set up to render and stop with the run's chat template (its own, or a named one).
-
-    With a vision-language model's `processor`, its own chat template, which renders image parts."""
-    from tunesmith.data.templates import install_chat_format, resolve_chat_format
-
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    if processor is not None:
-        if template is not None:
-            print(f"note: template: {template} is not used; a vision-language model renders with its own template")
-            template = None
-        tokenizer.chat_template = processor.chat_template or tokenizer.chat_template
-    chat_format = resolve_chat_format(template, tokenizer)
-    install_chat_format(tokenizer, chat_format)
-    return tokenizer, chat_format
 
 
 def vision_language_type(model_dir: str, trust_remote_code: bool = False) -> str | None:
@@ -124,21 +110,84 @@ def load_model(
         load_options["quantization_config"] = quantization
     if quantization is not None or prequantized_method(model_dir) is not None:
         load_options["device_map"] = quantized_device_map()  # quantized weights are placed while loading
+    check_remote_code(model_dir, trust_remote_code)
     try:
         vision_language = vision_language_type(model_dir, trust_remote_code) is not None
         auto_class = AutoModelForImageTextToText if vision_language else AutoModelForCausalLM
         model = auto_class.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **load_options)
     except OSError as error:
         raise ModelError(f"cannot load a model from {model_dir}: {error}") from None
-    except ValueError as error:
-        if "trust_remote_code" in str(error):
-            raise ModelError(
-                f"{model_dir} ships its own Python code; if you trust it, set trust_remote_code: true"
-            ) from None
-        raise
     if quantization is not None:
         release_checkpoint_file(model)
     return model
+
+
+_announced_remote_code: set[str] = set()
+
+
+def check_remote_code(model_dir: str, trust_remote_code: bool) -> None:
+    """Before transformers loads anything: refuse a model that needs its own Python code unless the config trusts
+    it, and say whose code runs when it does, once per model: a pasted YAML may carry `trust_remote_code: true`
+    unnoticed. A local directory that ships no code runs none, so nothing is said."""
+    code = shipped_code(model_dir)
+    if trust_remote_code:
+        if model_dir not in _announced_remote_code:
+            _announced_remote_code.add(model_dir)
+            if code is None:
+                print(f"trust_remote_code: true: Python code from {model_dir} will run on this machine if it ships any")
+            elif code:
+                print(f"trust_remote_code: true: Python code from {model_dir} will run on this machine: {code}")
+        return
+    if code and needs_own_code(model_dir):
+        raise ModelError(
+            f"{model_dir} needs its own Python code to load ({code}); read it, and if you trust it, set "
+            "trust_remote_code: true"
+        )
+
+
+def shipped_code(model_dir: str) -> str | None:
+    """The Python files a local model directory's `auto_map` (config.json, tokenizer_config.json) loads classes
+    from, as one text ("modeling_phi3.py, configuration_phi3.py"); "" when none; None for a hub id not downloaded."""
+    directory = Path(model_dir)
+    if not directory.is_dir():
+        return None
+    files: dict[str, None] = {}  # ordered and unique
+    for name in ("config.json", "tokenizer_config.json"):
+        for reference in (_read_json(directory / name).get("auto_map") or {}).values():
+            for class_path in reference if isinstance(reference, list) else [reference]:
+                if isinstance(class_path, str):  # "module.Class", or "org/repo--module.Class" from another repo
+                    repo, _, module_class = class_path.rpartition("--")
+                    module = module_class.rpartition(".")[0]
+                    files[f"{repo}: {module}.py" if repo else f"{module}.py"] = None
+    return ", ".join(files)
+
+
+def needs_own_code(model_dir: str) -> bool:
+    """Whether transformers lacks a built-in class for the model or its tokenizer, so that only the shipped code
+    can load it (transformers prefers its own class when it has one and the code is not trusted)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    config = _read_json(Path(model_dir) / "config.json")
+    tokenizer_config = _read_json(Path(model_dir) / "tokenizer_config.json")
+    model_needs = "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
+    tokenizer_class = tokenizer_config.get("tokenizer_class")
+    tokenizer_needs = (
+        "AutoTokenizer" in (tokenizer_config.get("auto_map") or {})
+        and isinstance(tokenizer_class, str)
+        and tokenizer_class_from_name(tokenizer_class) is None
+    )
+    return model_needs or tokenizer_needs
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ModelError(f"{path} is not valid JSON: {error}") from None
+    return content if isinstance(content, dict) else {}
 
 
 def release_checkpoint_file(model) -> None:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import ModelError
 from tunesmith.model.gguf import convert_gguf
+from tunesmith.paths import cache_root  # converted models live in cache_root(cache_dir) / "models"
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,6 @@ ALIASES: dict[str, PackagedModel] = {
 }
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    """Where converted models live: `cache_dir` from the config, else $TUNESMITH_CACHE, else ~/.cache/tunesmith."""
-    root = cache_dir or os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith"
-    return Path(root).expanduser()
 
 
 def resolve_model(name_or_path: str, cache_dir: str | None = None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from tunesmith import console
 from tunesmith.config import config_to_flat_dict, load_config
 from tunesmith.config.sections import SECTIONS
 from tunesmith.distributed import launch, process_group
@@ -31,9 +32,12 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(config_path, overrides)
     if config.method.stage != "sft":
         raise NotSupportedYet(f"`stage: {config.method.stage}` is not supported yet; only `stage: sft` is built so far")
+    for library in libraries_in_use(config):
+        console.show_library_warnings(library)
     plan = None if args.print_config else launch.plan_launch(config.train)
     if plan is not None:  # the launched processes print the config and train
-        return launch.run_torchrun(plan.torchrun_command([a for a in (config_path, *overrides) if a is not None]))
+        train_args = [a for a in (config_path, *overrides) if a is not None] + (["--verbose"] if args.verbose else [])
+        return launch.run_torchrun(plan.torchrun_command(train_args))
     in_torchrun = launch.launched_by_torchrun() and not args.print_config
     if in_torchrun:
         process_group.join(config)  # before any output: ranks other than 0 keep quiet from here
@@ -47,6 +51,16 @@ def run(args: argparse.Namespace) -> int:
     if in_torchrun:
         process_group.leave()
     return 130 if result.interrupted else 0
+
+
+def libraries_in_use(config) -> list[str]:
+    """The libraries of `console.QUIET_LOGGERS` that this run uses, whose warnings therefore matter."""
+    used = []
+    if config.model.quantization_bit is not None or "8bit" in config.train.optim or "paged" in config.train.optim:
+        used.append("bitsandbytes")
+    if config.train.deepspeed:
+        used.append("DeepSpeed")
+    return used
 
 
 def print_config(config) -> None:

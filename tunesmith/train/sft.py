@@ -19,6 +19,7 @@ from tunesmith.data import multimodal
 from tunesmith.data.collate import PackedBatches, PadToLongest
 from tunesmith.data.dataset import load_sft_data
 from tunesmith.data.packing import pack_dataset
+from tunesmith.data.templates import use_chat_format
 from tunesmith.distributed import deepspeed, fsdp
 from tunesmith.errors import ConfigError
 from tunesmith.model.adapters import (
@@ -36,7 +37,7 @@ from tunesmith.model.kernels import (
     choose_attention,
     load_with_unsloth,
 )
-from tunesmith.model.load import choose_precision, load_chat_tokenizer, load_model, load_processor
+from tunesmith.model.load import choose_precision, load_model, load_processor, load_tokenizer
 from tunesmith.model.quantize import check_cpu_4bit_shapes, prepare_for_kbit_training, quantization_for
 from tunesmith.model.resolve import resolve_model
 from tunesmith.patches import apply_fsdp_on_cpu_processes
@@ -78,9 +79,8 @@ def run_sft(config: RunConfig) -> TrainResult:
 
     model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
     processor = load_processor(model_dir, config.model.trust_remote_code)  # None: a text-only model
-    tokenizer, chat_format = load_chat_tokenizer(
-        model_dir, config.data.template, config.model.trust_remote_code, processor
-    )
+    tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
+    chat_format = use_chat_format(tokenizer, config.data.template, processor)
     media = multimodal.ModelMedia.of(config.model, processor)
     if config.data.packs:
         multimodal.refuse_packing(media)

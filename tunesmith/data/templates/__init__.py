@@ -68,6 +68,20 @@ def resolve_chat_format(template: str | None, tokenizer) -> ChatFormat:
     return ChatFormat(found.jinja, eos_token, source)
 
 
+def use_chat_format(tokenizer, template: str | None, processor=None) -> ChatFormat:
+    """The run's chat format (`resolve_chat_format`), installed in the tokenizer (`install_chat_format`).
+
+    A vision-language model's `processor` brings its own chat template, which renders image parts."""
+    if processor is not None:
+        if template is not None:
+            print(f"note: template: {template} is not used; a vision-language model renders with its own template")
+            template = None
+        tokenizer.chat_template = processor.chat_template or tokenizer.chat_template
+    chat_format = resolve_chat_format(template, tokenizer)
+    install_chat_format(tokenizer, chat_format)
+    return chat_format
+
+
 def install_chat_format(tokenizer, chat_format: ChatFormat) -> None:
     """Make the tokenizer render and stop like the run, so that a saved tokenizer chats the way it was trained."""
     tokenizer.chat_template = chat_format.jinja
