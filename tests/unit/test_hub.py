@@ -1,0 +1,104 @@
+"""Hub ids (`org/name`) resolve through the Hugging Face cache, offline: `train`, `chat` and `estimate` on a tiny
+model placed in the cache layout, with HF_HUB_OFFLINE=1 and HF_HOME (or `cache_dir`) pointing at a temporary folder.
+
+Each command runs in a subprocess, because huggingface_hub reads HF_HOME and HF_HUB_OFFLINE once, at import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tunesmith.estimate.shape import ModelShape
+
+HUB_ID = "tiny-org/tiny-llama"
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def put_in_hub_cache(model_dir: Path, hub_cache: Path, repo_id: str = HUB_ID) -> Path:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/<files>}."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / REVISION
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(REVISION)
+    return snapshot
+
+
+def tunesmith(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "TUNESMITH_CACHE": str(home / "tunesmith")}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("TRANSFORMERS_CACHE", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "tunesmith", *args], capture_output=True, text=True, timeout=600, check=False, env=env
+    )
+
+
+@pytest.fixture
+def hf_home(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    home = tmp_path / "hf-home"
+    put_in_hub_cache(tiny_model_dir, home / "hub")
+    return home
+
+
+def test_train_chat_and_estimate_take_a_cached_hub_id_offline(tmp_path, hf_home, tiny_model_dir, identity_data):
+    output = tmp_path / "out"
+    trained = tunesmith(
+        "train",
+        f"model_name_or_path={HUB_ID}",
+        f"dataset_dir={identity_data}",
+        "dataset=identity",
+        "name=Tunesmith",
+        "author=the tunesmith team",
+        f"output_dir={output}",
+        "max_steps=2",
+        "per_device_train_batch_size=2",
+        "cutoff_len=64",
+        "max_samples=8",
+        "plot_loss=false",
+        home=hf_home,
+    )
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
+    assert "gradient checkpointing: off (auto)" in trained.stdout  # auto read the cached snapshot's config.json
+    assert (output / "adapter_model.safetensors").is_file()
+
+    chat = tunesmith("chat", "--model", HUB_ID, "--prompt", "Hi", "--max-new-tokens", "4", home=hf_home)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert f"model {HUB_ID} on cpu" in chat.stderr  # a random model's reply may be only whitespace
+
+    estimate = tunesmith("estimate", "--model", HUB_ID, "--device", "cpu", "--json", home=hf_home)
+    assert estimate.returncode == 0, estimate.stderr[-3000:]
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert json.loads(estimate.stdout)["params"] == ModelShape.from_config(config).total_params
+
+
+def test_cache_dir_is_where_hub_models_are_looked_up(tmp_path, tiny_model_dir):
+    """`cache_dir` plays transformers' role: the hub cache itself (cache_dir/models--org--name)."""
+    home = tmp_path / "empty-hf-home"
+    cache_dir = tmp_path / "my-cache"
+    put_in_hub_cache(tiny_model_dir, cache_dir)
+    found = tunesmith("estimate", "--model", HUB_ID, "--device", "cpu", "--json", f"cache_dir={cache_dir}", home=home)
+    assert found.returncode == 0, found.stderr[-3000:]
+    missing = tunesmith("estimate", "--model", HUB_ID, "--device", "cpu", "--json", home=home)
+    assert missing.returncode == 2
+
+
+def test_an_uncached_hub_id_offline_is_one_line_that_says_what_to_do(tmp_path):
+    home = tmp_path / "empty-hf-home"
+    for args in (
+        ("estimate", "--model", HUB_ID, "--device", "cpu"),
+        ("chat", "--model", HUB_ID, "--prompt", "Hi"),
+    ):
+        result = tunesmith(*args, home=home)
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert HUB_ID in lines[0] and "HF_HUB_OFFLINE" in lines[0] and str(home / "hub") in lines[0]
