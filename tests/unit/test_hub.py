@@ -102,3 +102,39 @@ def test_an_uncached_hub_id_offline_is_one_line_that_says_what_to_do(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert HUB_ID in lines[0] and "HF_HUB_OFFLINE" in lines[0] and str(home / "hub") in lines[0]
+
+
+def test_a_snapshot_with_pytorch_bin_weights_is_used_and_one_without_weights_is_refused(tmp_path, monkeypatch):
+    """In-process: the offline switch and the endpoint are read from huggingface_hub.constants at each call."""
+    from huggingface_hub import constants
+
+    from tunesmith.errors import ModelError
+    from tunesmith.model.resolve import resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    (source / "pytorch_model.bin").write_bytes(b"weights")
+    snapshot = put_in_hub_cache(source, tmp_path / "cache")
+    assert resolve_model(HUB_ID, cache_dir=str(tmp_path / "cache")) == str(snapshot)
+
+    (snapshot / "pytorch_model.bin").unlink()
+    with pytest.raises(ModelError, match=r"has no \.safetensors or pytorch_model\*\.bin weights"):
+        resolve_model(HUB_ID, cache_dir=str(tmp_path / "cache"))
+
+
+def test_an_unreachable_hub_falls_back_to_the_cache_or_says_so(tmp_path, tiny_model_dir, monkeypatch):
+    from huggingface_hub import constants
+
+    from tunesmith.errors import ModelError
+    from tunesmith.model.resolve import resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: connection refused
+    snapshot = put_in_hub_cache(tiny_model_dir, tmp_path / "cache")
+    assert resolve_model(HUB_ID, cache_dir=str(tmp_path / "cache")) == str(snapshot)
+    with pytest.raises(
+        ModelError, match=r"cannot download hub model other-org/model: huggingface.co cannot be reached"
+    ):
+        resolve_model("other-org/model", cache_dir=str(tmp_path / "cache"))

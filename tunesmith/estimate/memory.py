@@ -11,7 +11,9 @@ tensors) that training holds at its peak, in bytes:
   4-bit NF4/FP4 is 0.5 byte per weight plus one absmax per 64-weight block (1 byte with double quantization, else
   4); 8-bit is 1 byte per weight plus a float32 scale per output row. In a quantized run peft keeps every other
   parameter (embeddings, norms) in float32. LoRA adds rank x (in + out) float32 parameters per adapted linear
-  layer (`lora_target: all` = every linear layer but the head); DoRA adds a magnitude per output feature.
+  layer (`lora_target: all` = every linear layer but the head); DoRA adds a magnitude per output feature. The
+  model's layers come from tunesmith.estimate.shape; a mixture-of-experts model keeps every expert's weights (fused
+  3-D tensors that bitsandbytes does not quantize: float32 in a quantized run, like the norms).
 - **gradients**: one per trainable parameter, in its dtype (DDP adds a bucket copy when several processes run).
 - **optimizer**: adamw_torch / _fused / paged_adamw_32bit: two states per trainable parameter in its dtype;
   adamw_8bit / adamw_bnb_8bit / paged_adamw_8bit: two 1-byte states (+ a float32 absmax per 2048 values);
@@ -25,7 +27,9 @@ tensors) that training holds at its peak, in bytes:
   train); attention saves q, k, v and its output (k and v repeated to every query head when a padding mask is
   given, as transformers' sdpa path does) and a float32 log-sum-exp per head, plus, with a mask, a float copy of
   the [seq, seq] mask per layer; a gated MLP saves gate, up, act(gate) and their product (4 x intermediate); each
-  LoRA layer saves its rank-r middle (and with dropout the dropped input and its mask). Gradient checkpointing
+  LoRA layer saves its rank-r middle (and with dropout the dropped input and its mask); a sparse (MoE) layer saves
+  the router's probabilities and, per token, the tensors of the `num_experts_per_tok` experts it goes through
+  (`moe_activation_bytes`), not of all experts. Gradient checkpointing
   keeps only each layer's input (hidden_size per token) plus one layer's activations while it is recomputed;
   `offload` puts those inputs in CPU RAM (on a CPU they are there anyway).
 - **logits**: the model's own loss holds the float32 log-softmax of the [batch, seq, vocab] logits and, in the
