@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tunesmith.errors import TunesmithError
 from tunesmith.estimate.shape import ModelShape
 
 HUB_ID = "tiny-org/tiny-llama"
@@ -80,28 +81,40 @@ def test_train_chat_and_estimate_take_a_cached_hub_id_offline(tmp_path, hf_home,
     assert json.loads(estimate.stdout)["params"] == ModelShape.from_config(config).total_params
 
 
-def test_cache_dir_is_where_hub_models_are_looked_up(tmp_path, tiny_model_dir):
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """In-process: huggingface_hub offline, its default cache an empty folder (both read at each call)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "default-hub-cache"))
+    return tmp_path / "default-hub-cache"
+
+
+def test_cache_dir_is_where_hub_models_are_looked_up(tmp_path, tiny_model_dir, offline_hub):
     """`cache_dir` plays transformers' role: the hub cache itself (cache_dir/models--org--name)."""
-    home = tmp_path / "empty-hf-home"
+    from tunesmith.estimate.command import read_model_config
+    from tunesmith.model.resolve import resolve_model
+
     cache_dir = tmp_path / "my-cache"
-    put_in_hub_cache(tiny_model_dir, cache_dir)
-    found = tunesmith("estimate", "--model", HUB_ID, "--device", "cpu", "--json", f"cache_dir={cache_dir}", home=home)
-    assert found.returncode == 0, found.stderr[-3000:]
-    missing = tunesmith("estimate", "--model", HUB_ID, "--device", "cpu", "--json", home=home)
-    assert missing.returncode == 2
+    snapshot = put_in_hub_cache(tiny_model_dir, cache_dir)
+    assert resolve_model(HUB_ID, cache_dir=str(cache_dir)) == str(snapshot)
+    assert read_model_config(HUB_ID, str(cache_dir))[1] == str(snapshot)
+    with pytest.raises(TunesmithError, match=f"not .* in the Hugging Face cache {offline_hub}"):
+        read_model_config(HUB_ID, None)
 
 
-def test_an_uncached_hub_id_offline_is_one_line_that_says_what_to_do(tmp_path):
-    home = tmp_path / "empty-hf-home"
-    for args in (
-        ("estimate", "--model", HUB_ID, "--device", "cpu"),
-        ("chat", "--model", HUB_ID, "--prompt", "Hi"),
-    ):
-        result = tunesmith(*args, home=home)
-        assert result.returncode == 2, result.stderr[-3000:]
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-        assert HUB_ID in lines[0] and "HF_HUB_OFFLINE" in lines[0] and str(home / "hub") in lines[0]
+def test_an_uncached_hub_id_offline_is_one_line_that_says_what_to_do(offline_hub):
+    from tunesmith.estimate.command import read_model_config
+    from tunesmith.model.resolve import resolve_model
+
+    for find in (resolve_model, read_model_config):
+        with pytest.raises(TunesmithError) as error:
+            find(HUB_ID, None)
+        message = str(error.value)
+        assert "\n" not in message and error.value.__cause__ is None
+        assert message.startswith(f"hub model {HUB_ID} is not (completely) in the Hugging Face cache {offline_hub}")
+        assert "HF_HUB_OFFLINE=1 forbids downloading it: run once without HF_HUB_OFFLINE" in message
 
 
 def test_a_snapshot_with_pytorch_bin_weights_is_used_and_one_without_weights_is_refused(tmp_path, monkeypatch):
@@ -109,7 +122,7 @@ def test_a_snapshot_with_pytorch_bin_weights_is_used_and_one_without_weights_is_
     from huggingface_hub import constants
 
     from tunesmith.errors import ModelError
-    from tunesmith.model.resolve import resolve_model
+    from tunesmith.model.resolve import resolve_model, with_hub_weights
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     source = tmp_path / "source"
@@ -119,9 +132,13 @@ def test_a_snapshot_with_pytorch_bin_weights_is_used_and_one_without_weights_is_
     snapshot = put_in_hub_cache(source, tmp_path / "cache")
     assert resolve_model(HUB_ID, cache_dir=str(tmp_path / "cache")) == str(snapshot)
 
+    assert with_hub_weights(str(snapshot)) == str(snapshot)
+
     (snapshot / "pytorch_model.bin").unlink()
-    with pytest.raises(ModelError, match=r"has no \.safetensors or pytorch_model\*\.bin weights"):
-        resolve_model(HUB_ID, cache_dir=str(tmp_path / "cache"))
+    assert resolve_model(HUB_ID, cache_dir=str(tmp_path / "cache")) == str(snapshot)  # tokenizer and config: enough
+    with pytest.raises(ModelError, match=r"has no \.safetensors or pytorch_model\*\.bin weights \(HF_HUB_OFFLINE"):
+        with_hub_weights(str(snapshot))
+    assert with_hub_weights(str(source)) == str(source)  # not a hub snapshot: as it is
 
 
 def test_an_unreachable_hub_falls_back_to_the_cache_or_says_so(tmp_path, tiny_model_dir, monkeypatch):
@@ -138,3 +155,18 @@ def test_an_unreachable_hub_falls_back_to_the_cache_or_says_so(tmp_path, tiny_mo
         ModelError, match=r"cannot download hub model other-org/model: huggingface.co cannot be reached"
     ):
         resolve_model("other-org/model", cache_dir=str(tmp_path / "cache"))
+
+
+def test_train_reads_the_data_before_a_hub_model_s_weights(tmp_path, tiny_model_dir, offline_hub, capsys):
+    """Data before weights: a bad row fails the run before the weights would be downloaded."""
+    from tunesmith.cli import main
+
+    snapshot = put_in_hub_cache(tiny_model_dir, offline_hub)
+    (snapshot / "model.safetensors").unlink()  # the weights are not here; config and tokenizer are
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "", "output": ""}\n')
+    assert main(["train", f"model_name_or_path={HUB_ID}", f"dataset={rows}", f"output_dir={tmp_path / 'o'}"]) == 2
+    assert main(["data", "check", f"model_name_or_path={HUB_ID}", f"dataset={rows}"]) != 0
+    printed = capsys.readouterr()
+    shown = printed.out + printed.err
+    assert shown.count("field `instruction`: missing or empty") >= 2 and "weights" not in shown, shown[-2000:]

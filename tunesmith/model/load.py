@@ -74,7 +74,9 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     from tunesmith.model.quantize import prequantized_method, quantized_device_map
+    from tunesmith.model.resolve import with_hub_weights
 
+    model_dir = with_hub_weights(model_dir)  # a hub model's weights come after the data step
     load_options = {}
     if attn_implementation is not None:
         load_options["attn_implementation"] = attn_implementation

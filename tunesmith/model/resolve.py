@@ -61,7 +61,8 @@ def cache_root(cache_dir: str | None = None) -> Path:
 
 
 def resolve_model(name_or_path: str, cache_dir: str | None = None) -> str:
-    """Return a local model directory: the directory itself, a converted GGUF model or a hub snapshot."""
+    """Return a local model directory: the directory itself, a converted GGUF model or a hub snapshot (its weights
+    are fetched by `with_hub_weights` when the model loads)."""
     if name_or_path.lower() in ALIASES:
         packaged = ALIASES[name_or_path.lower()]
         return str(convert_gguf(packaged_gguf(packaged), cache_root(cache_dir) / "models" / name_or_path.lower()))
@@ -96,18 +97,42 @@ def packaged_gguf(packaged: PackagedModel) -> Path:
     return gguf_file
 
 
-def hub_snapshot(repo_id: str, cache_dir: str | None = None) -> str:
-    """The local snapshot directory of hub model `repo_id`, downloaded into the cache unless it is there already."""
-    from huggingface_hub import snapshot_download
+def hub_snapshot(repo_id: str, cache_dir: str | None = None, revision: str | None = None, weights: bool = False) -> str:
+    """The local snapshot directory of hub model `repo_id`, with what is missing from the cache downloaded.
+
+    Without `weights`: the config and tokenizer files only, so that the data step runs before a long download
+    (data before weights); loading the model fetches the weights (`with_hub_weights`).
+    """
+    from huggingface_hub import constants, snapshot_download
 
     with hub_errors(repo_id, cache_dir):
-        for weights in HUB_WEIGHTS:
+        for patterns in HUB_WEIGHTS if weights else ([],):
             snapshot = snapshot_download(
-                repo_id, cache_dir=cache_dir, allow_patterns=HUB_FILES + weights, ignore_patterns=SUBFOLDERS
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                allow_patterns=HUB_FILES + patterns,
+                ignore_patterns=SUBFOLDERS,
             )
-            if any(Path(snapshot).glob(weights[0])):
+            if not weights or has_weights(Path(snapshot)):
                 return snapshot
-    raise ModelError(f"hub model {repo_id} ({snapshot}) has no .safetensors or pytorch_model*.bin weights")
+    offline = " (HF_HUB_OFFLINE=1: only the cache was read)" if constants.is_offline_mode() else ""
+    raise ModelError(f"hub model {repo_id} ({snapshot}) has no .safetensors or pytorch_model*.bin weights{offline}")
+
+
+def with_hub_weights(model_dir: str) -> str:
+    """`model_dir` ready to load: a hub snapshot that `resolve_model` fetched without weights gets them now; any
+    other directory is returned as it is. A snapshot is `<cache>/models--org--name/snapshots/<commit>`."""
+    path = Path(model_dir)
+    repo_folder = path.parent.parent
+    if path.parent.name != "snapshots" or not repo_folder.name.startswith("models--") or has_weights(path):
+        return model_dir
+    repo_id = repo_folder.name.removeprefix("models--").replace("--", "/", 1)
+    return hub_snapshot(repo_id, str(repo_folder.parent), revision=path.name, weights=True)
+
+
+def has_weights(model_dir: Path) -> bool:
+    return any(any(model_dir.glob(patterns[0])) for patterns in HUB_WEIGHTS)
 
 
 def hub_config_file(repo_id: str, cache_dir: str | None = None) -> Path:
