@@ -471,3 +471,13 @@ def test_auto_checkpointing_turns_on_when_the_run_does_not_fit(tmp_path, monkeyp
     assert auto_decision(tmp_path, small)[0] is False
     monkeypatch.setattr(memory, "available_memory", lambda device: int(needed / 0.9) - 1)
     assert auto_decision(tmp_path, small)[0] is True
+
+
+def test_a_file_that_is_not_gguf_is_one_clear_error(tmp_path):
+    from tunesmith.errors import ModelError
+    from tunesmith.estimate.command import read_model_config
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file at all" * 8)
+    with pytest.raises(ModelError, match=r"cannot read the GGUF header of .*broken\.gguf: GGUF magic invalid"):
+        read_model_config(str(broken), None)

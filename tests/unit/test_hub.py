@@ -70,6 +70,7 @@ def test_train_chat_and_estimate_take_a_cached_hub_id_offline(tmp_path, hf_home,
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
     assert "gradient checkpointing: off (auto)" in trained.stdout  # auto read the cached snapshot's config.json
     assert (output / "adapter_model.safetensors").is_file()
+    assert json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"] == HUB_ID
 
     chat = tunesmith("chat", "--model", HUB_ID, "--prompt", "Hi", "--max-new-tokens", "4", home=hf_home)
     assert chat.returncode == 0, chat.stderr[-3000:]

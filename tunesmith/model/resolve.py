@@ -122,13 +122,20 @@ def hub_snapshot(repo_id: str, cache_dir: str | None = None, revision: str | Non
 
 def with_hub_weights(model_dir: str) -> str:
     """`model_dir` ready to load: a hub snapshot that `resolve_model` fetched without weights gets them now; any
-    other directory is returned as it is. A snapshot is `<cache>/models--org--name/snapshots/<commit>`."""
+    other directory is returned as it is."""
+    path, repo_id = Path(model_dir), hub_repo_id(model_dir)
+    if repo_id is None or has_weights(path):
+        return model_dir
+    return hub_snapshot(repo_id, str(path.parent.parent.parent), revision=path.name, weights=True)
+
+
+def hub_repo_id(model_dir: str) -> str | None:
+    """The hub id whose snapshot `model_dir` is (`<cache>/models--org--name/snapshots/<commit>`), else None."""
     path = Path(model_dir)
     repo_folder = path.parent.parent
-    if path.parent.name != "snapshots" or not repo_folder.name.startswith("models--") or has_weights(path):
-        return model_dir
-    repo_id = repo_folder.name.removeprefix("models--").replace("--", "/", 1)
-    return hub_snapshot(repo_id, str(repo_folder.parent), revision=path.name, weights=True)
+    if path.parent.name != "snapshots" or not repo_folder.name.startswith("models--"):
+        return None
+    return repo_folder.name.removeprefix("models--").replace("--", "/", 1)
 
 
 def has_weights(model_dir: Path) -> bool:
