@@ -169,6 +169,7 @@ def test_qlora_keeps_moe_experts_in_float32():
     unquantized = shape.total_params - shape.linear_params
     assert unquantized > shape.expert_params > 0
     assert qlora.weights == 4 * unquantized + quantized_linear_bytes(shape, 4, double_quant=True)
+    assert any("does not quantize the experts" in note for note in qlora.notes)
 
 
 def smollm2_config() -> dict:

@@ -247,6 +247,11 @@ def base_weight_bytes(shape: ModelShape, s: Settings, weight_bytes: int, cpu: bo
         # peft's prepare_model_for_kbit_training: every parameter bitsandbytes did not quantize (embeddings, norms,
         # the experts' fused 3-D weights) in float32
         other = shape.total_params - shape.linear_params
+        if shape.experts:
+            notes.append(
+                "bitsandbytes does not quantize the experts' fused weights (transformers 5), and peft keeps them in "
+                "float32: quantization saves little on this mixture-of-experts model"
+            )
         return other * 4 + quantized_linear_bytes(shape, s.quantization_bit, s.double_quantization)
     weights = shape.total_params * weight_bytes
     if not cpu and s.fp16:
