@@ -238,6 +238,8 @@ def saved_activation_bytes(model, inputs, layers) -> dict[int, int]:
         ("lora", 1, False, "LlamaConfig"),
         ("full", 2, True, "LlamaConfig"),
         ("full", 1, False, "LlamaConfig"),
+        ("lora", 2, True, "Qwen3Config"),
+        ("full", 1, False, "Qwen3Config"),
         ("full", 2, True, "MixtralConfig"),
         ("full", 1, False, "Qwen2MoeConfig"),
         ("lora", 2, True, "Qwen3MoeConfig"),

@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="training YAML config (the same file `tunesmith train` takes)")
     parser.add_argument("overrides", nargs="*", help="key=value settings that win over the file, e.g. cutoff_len=1024")
     parser.add_argument("--model", help="model to estimate (wins over model_name_or_path)")
-    parser.add_argument("--params", help="parameter count of a model with no config.json at hand: 7B, 1.5B, 350M")
+    parser.add_argument(
+        "--params", help="estimate a Llama-shaped model of this many parameters (7B, 1.5B, 350M) instead of reading one"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], help="device the run would use (default: this machine's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 

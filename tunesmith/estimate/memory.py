@@ -203,9 +203,8 @@ def estimate(
     weights = base_weight_bytes(shape, settings, weight_bytes, cpu, notes)
     training = trainable_terms(shape, settings, weight_bytes)
     weights, training, host = shard_and_offload(weights, training, settings, cpu, notes)
-    activations, offloaded = activation_bytes(shape, settings, training.targets, act_bytes, gradient_checkpointing)
-    host += 0 if cpu else offloaded
-    activations += offloaded if cpu else 0
+    activations, offloaded = activation_bytes(shape, settings, training.targets, act_bytes, gradient_checkpointing, cpu)
+    host += offloaded
     logits = logits_bytes(shape, settings, act_bytes)
     loading = loading_peak_bytes(shape, settings, weight_bytes, cpu)
 
@@ -324,9 +323,9 @@ def shard_and_offload(
 
 
 def activation_bytes(
-    shape: ModelShape, s: Settings, targets: tuple[Linear, ...], act_bytes: int, checkpointing: bool | str
+    shape: ModelShape, s: Settings, targets: tuple[Linear, ...], act_bytes: int, checkpointing: bool | str, cpu: bool
 ) -> tuple[int, int]:
-    """(activations of one [batch, seq] batch, the part of them that `offload` moves to CPU RAM)."""
+    """(activations of one [batch, seq] batch, the part of them that `offload` moves from the GPU to CPU RAM)."""
     tokens = s.batch_size * s.seq_len
     masked = s.packing or s.batch_size > 1  # padding (or packing's block mask) needs an attention mask
     trains_norms = s.finetuning_type != "lora"
@@ -341,7 +340,9 @@ def activation_bytes(
     inputs = shape.num_layers * tokens * shape.hidden_size * act_bytes
     one_layer = max(sparse if shape.sparse_layers else 0, dense if shape.sparse_layers < shape.num_layers else 0)
     kept = one_layer * tokens + final_norm + embedding_output
-    return (kept, inputs) if checkpointing == "offload" else (kept + inputs, 0)
+    if checkpointing == "offload" and not cpu:  # on a CPU they are in CPU RAM anyway
+        return kept, inputs
+    return kept + inputs, 0
 
 
 def logits_bytes(shape: ModelShape, s: Settings, act_bytes: int) -> int:
