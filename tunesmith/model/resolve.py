@@ -110,7 +110,7 @@ def hub_snapshot(repo_id: str, cache_dir: str | None = None, revision: str | Non
             snapshot = snapshot_download(
                 repo_id,
                 revision=revision,
-                cache_dir=cache_dir,
+                cache_dir=hub_cache(cache_dir),
                 allow_patterns=HUB_FILES + patterns,
                 ignore_patterns=SUBFOLDERS,
             )
@@ -147,7 +147,12 @@ def hub_config_file(repo_id: str, cache_dir: str | None = None) -> Path:
     from huggingface_hub import hf_hub_download
 
     with hub_errors(repo_id, cache_dir):
-        return Path(hf_hub_download(repo_id, "config.json", cache_dir=cache_dir))
+        return Path(hf_hub_download(repo_id, "config.json", cache_dir=hub_cache(cache_dir)))
+
+
+def hub_cache(cache_dir: str | None) -> str | None:
+    """The hub cache folder: `cache_dir` when set (as transformers' `cache_dir`), else huggingface_hub's default."""
+    return str(Path(cache_dir).expanduser()) if cache_dir else None
 
 
 @contextlib.contextmanager
@@ -162,11 +167,11 @@ def hub_errors(repo_id: str, cache_dir: str | None) -> Iterator[None]:
         RevisionNotFoundError,
     )
 
-    cache = cache_dir or constants.HF_HUB_CACHE
+    cache = hub_cache(cache_dir) or constants.HF_HUB_CACHE
     local = "or set model_name_or_path to a local model directory"
     try:
         yield
-    except LocalEntryNotFoundError as error:  # also a partial snapshot (IncompleteSnapshotError)
+    except LocalEntryNotFoundError:  # also a partial snapshot (IncompleteSnapshotError)
         if constants.is_offline_mode():
             raise ModelError(
                 f"hub model {repo_id} is not (completely) in the Hugging Face cache {cache}, and HF_HUB_OFFLINE=1 "
@@ -175,7 +180,7 @@ def hub_errors(repo_id: str, cache_dir: str | None) -> Iterator[None]:
         raise ModelError(
             f"cannot download hub model {repo_id}: huggingface.co cannot be reached and the model is not "
             f"(completely) in the cache {cache}; check the network (or HF_ENDPOINT), {local}"
-        ) from error
+        ) from None
     except GatedRepoError:
         raise ModelError(
             f"hub model {repo_id} is gated: accept its terms on https://huggingface.co/{repo_id}, then log in "
