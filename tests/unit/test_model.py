@@ -9,9 +9,8 @@ from tunesmith.model import resolve
 from tunesmith.model.adapters import check_adapter_weights, linear_layer_names, resolve_lora_targets
 
 
-def test_local_directory_hub_id_and_unknown_name(tmp_path: Path, tiny_model_dir: Path):
+def test_local_directory_and_unknown_name(tmp_path: Path, tiny_model_dir: Path):
     assert resolve.resolve_model(str(tiny_model_dir)) == str(tiny_model_dir)
-    assert resolve.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     with pytest.raises(ModelError, match=r"has no config\.json"):
         resolve.resolve_model(str(tmp_path))
     with pytest.raises(

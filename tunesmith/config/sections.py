@@ -54,7 +54,12 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Only for models you trust."
     )
-    cache_dir: str | None = Field(None, description="Where converted models are cached (default ~/.cache/tunesmith).")
+    cache_dir: str | None = Field(
+        None,
+        description="One folder for all caches: hub downloads (cache_dir/models--org--name, as transformers' "
+        "cache_dir), converted models and tokenized datasets. Default: the Hugging Face cache ($HF_HOME/hub) for hub "
+        "models, ~/.cache/tunesmith ($TUNESMITH_CACHE) for the rest.",
+    )
     quantization_bit: Literal[4, 8] | None = Field(
         None,
         description="Load the base model's linear layers in 4 bits (QLoRA) or 8 bits with bitsandbytes and train "

@@ -1,9 +1,11 @@
 """`tunesmith estimate [CONFIG.yaml] [key=value ...]`: the peak memory of a training run, before any load.
 
 The model's shape comes from its config.json only: a local model directory, the converted default model (or the
-GGUF header of the packaged one), a `.gguf` file's header, or a hub id already in the Hugging Face cache. Nothing
-is downloaded; a model with no config at hand needs `--params 7B`. Prints the breakdown of the predicted peak
-(tunesmith.estimate.memory) and the same run with QLoRA 4-bit, LoRA 8/16/32-bit and full fine-tuning.
+GGUF header of the packaged one), a `.gguf` file's header, or a hub id's config.json alone (from the Hugging Face
+cache, or `cache_dir`; downloaded unless HF_HUB_OFFLINE=1). No weights are downloaded; a model whose config is
+not at hand, or whose shape the estimate does not know, can be estimated as a Llama-shaped model with
+`--params 7B`. Prints the breakdown of the predicted peak (tunesmith.estimate.memory) and the same run with QLoRA
+4-bit, LoRA 8/16/32-bit and full fine-tuning.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ import argparse
 import importlib.util
 import json
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tunesmith.config.load import flatten, load_config, parse_overrides, read_yaml
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.estimate.memory import (
+    AUTO_MARGIN,
     GiB,
     MemoryEstimate,
     ModelShape,
     Settings,
+    UnknownShape,
     available_memory,
     estimate,
 )
@@ -47,64 +51,114 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="training YAML config (the same file `tunesmith train` takes)")
     parser.add_argument("overrides", nargs="*", help="key=value settings that win over the file, e.g. cutoff_len=1024")
     parser.add_argument("--model", help="model to estimate (wins over model_name_or_path)")
-    parser.add_argument("--params", help="parameter count of a model with no config.json at hand: 7B, 1.5B, 350M")
+    parser.add_argument(
+        "--params", help="estimate a Llama-shaped model of this many parameters (7B, 1.5B, 350M) instead of reading one"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], help="device the run would use (default: this machine's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
+@dataclass(frozen=True)
+class Report:
+    """What the command prints: the run's estimate and the same run by method and bits."""
+
+    model_name: str
+    source: str  # where the shape came from
+    shape: ModelShape
+    settings: Settings
+    device: str
+    checkpointing: bool | str
+    note: str | None
+    result: MemoryEstimate
+    comparison: dict[str, MemoryEstimate]
+    free: int | None  # bytes free on this machine's device, when the estimate is for it
+
+
 def run(args: argparse.Namespace) -> int:
+    config = read_run_config(args)
+    device = args.device or default_device()
+    model_name, shape, source = model_shape(args, config)
+    settings = Settings.from_config(config)
+    checkpointing, note = resolve_checkpointing(config.train.gradient_checkpointing, shape, settings, device)
+    report = Report(
+        model_name=model_name,
+        source=source,
+        shape=shape,
+        settings=settings,
+        device=device,
+        checkpointing=checkpointing,
+        note=note,
+        result=estimate(shape, settings, device=device, gradient_checkpointing=checkpointing),
+        comparison={
+            label: estimate(shape, variant, device=device, gradient_checkpointing=checkpointing)
+            for label, variant in variants(settings, device).items()
+        },
+        free=available_memory(device) if device == default_device() else None,
+    )
+    if args.json:
+        print(json.dumps(report_json(report), indent=2))
+    else:
+        print_report(report)
+    return 0
+
+
+def read_run_config(args: argparse.Namespace):
+    """The training config the estimate is for: the YAML, its key=value overrides and --model."""
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # no file, only overrides
         config_path, overrides = None, [config_path, *overrides]
     if args.model:
         overrides.append(f"model_name_or_path={args.model}")
-    config = load_config(config_path, with_dataset(config_path, overrides))
-    device = args.device or default_device()
+    return load_config(config_path, with_dataset(config_path, overrides))
 
-    model_name = config.model.model_name_or_path
+
+def model_shape(args: argparse.Namespace, config) -> tuple[str, ModelShape, str]:
+    """(the model's name, its shape, where the shape came from): from --params, or from the model's config.json."""
     if args.params:
-        shape, source = ModelShape.from_param_count(parse_params(args.params)), "Llama-shaped"
-        model_name = args.model or f"a {args.params} model"
-    else:
-        model_config, source = read_model_config(config.model.model_name_or_path, config.model.cache_dir)
+        shape = ModelShape.from_param_count(parse_params(args.params))
+        return args.model or f"a {args.params} model", shape, "Llama-shaped"
+    model_config, source = read_model_config(config.model.model_name_or_path, config.model.cache_dir)
+    try:
         shape = ModelShape.from_config(model_config)
-    settings = Settings.from_config(config)
-    checkpointing, note = resolve_checkpointing(config.train.gradient_checkpointing, shape, settings, device)
-    result = estimate(shape, settings, device=device, gradient_checkpointing=checkpointing)
-    comparison = {
-        label: estimate(shape, variant, device=device, gradient_checkpointing=checkpointing)
-        for label, variant in variants(settings, device).items()
-    }
-    free = available_memory(device) if device == default_device() else None
+    except UnknownShape as error:
+        raise UnknownShape(
+            f"{error}; give its size with --params (e.g. --params 7B) for a Llama-shaped estimate"
+        ) from None
+    return config.model.model_name_or_path, shape, source
 
-    if args.json:
-        report = {
-            "model": model_name,
-            "source": source,
-            "params": shape.total_params,
-            "device": device,
-            "batch_size": settings.batch_size,
-            "cutoff_len": settings.seq_len,
-            "available_bytes": free,
-            "estimate": result.as_dict(),
-            "comparison": {label: e.total_bytes for label, e in comparison.items()},
-        }
-        print(json.dumps(report, indent=2))
-        return 0
+
+def report_json(report: Report) -> dict[str, Any]:
+    return {
+        "model": report.model_name,
+        "source": report.source,
+        "params": report.shape.total_params,
+        "active_params": report.shape.active_params,
+        "device": report.device,
+        "batch_size": report.settings.batch_size,
+        "cutoff_len": report.settings.seq_len,
+        "available_bytes": report.free,
+        "estimate": report.result.as_dict(),
+        "comparison": {label: e.total_bytes for label, e in report.comparison.items()},
+    }
+
+
+def print_report(report: Report) -> None:
+    shape, settings = report.shape, report.settings
+    bits = f" {settings.quantization_bit}-bit" if settings.quantization_bit else ""
+    active = f" ({shape.active_params / 1e6:,.1f}M active per token)" if shape.experts else ""
     print(
-        f"{model_name} ({source}): {shape.total_params / 1e6:,.1f}M parameters; "
-        f"{settings.finetuning_type}{f' {settings.quantization_bit}-bit' if settings.quantization_bit else ''}, "
-        f"batch {settings.batch_size} x cutoff_len {settings.seq_len}, optim {settings.optim}, "
-        f"gradient checkpointing {ON_OFF.get(checkpointing, checkpointing)}, on {device}"
+        f"{report.model_name} ({report.source}): {shape.total_params / 1e6:,.1f}M parameters{active}; "
+        f"{settings.finetuning_type}{bits}, batch {settings.batch_size} x cutoff_len {settings.seq_len}, "
+        f"optim {settings.optim}, gradient checkpointing {ON_OFF.get(report.checkpointing, report.checkpointing)}, "
+        f"on {report.device}"
     )
-    if note:
-        print(note)
-    print_breakdown(result)
-    print_comparison(comparison, shape, settings)
-    if free is not None:
-        verdict = "fits" if result.total_bytes <= free else "does NOT fit"
-        print(f"\n{verdict}: {free / GiB:.1f} GiB is free on this machine's {device}")
-    return 0
+    if report.note:
+        print(report.note)
+    print_breakdown(report.result)
+    print_comparison(report.comparison, shape, settings)
+    if report.free is not None:
+        verdict = "fits" if report.result.total_bytes <= report.free else "does NOT fit"
+        print(f"\n{verdict}: {report.free / GiB:.1f} GiB is free on this machine's {report.device}")
 
 
 def with_dataset(config_path: str | None, overrides: list[str]) -> list[str]:
@@ -128,8 +182,8 @@ def parse_params(text: str) -> float:
 
 
 def read_model_config(name: str, cache_dir: str | None) -> tuple[dict[str, Any], str]:
-    """A model's config.json as a dict, from what is on disk already; never downloads."""
-    from tunesmith.model.resolve import ALIASES, HUB_ID, cache_root
+    """A model's config.json as a dict: from disk, or a hub model's config.json alone (model/resolve.py)."""
+    from tunesmith.model.resolve import ALIASES, HUB_ID, cache_root, hub_config_file
 
     if name.lower() in ALIASES:
         converted = cache_root(cache_dir) / "models" / name.lower() / "config.json"
@@ -144,15 +198,8 @@ def read_model_config(name: str, cache_dir: str | None) -> tuple[dict[str, Any],
             raise ModelError(f"model directory {path} has no config.json; give --params instead")
         return json.loads((path / "config.json").read_text()), str(path)
     if HUB_ID.match(name):
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(name, "config.json")
-        if isinstance(cached, str):
-            return json.loads(Path(cached).read_text()), "the Hugging Face cache"
-        raise ModelError(
-            f"{name}'s config.json is not in the Hugging Face cache and the estimate downloads nothing; "
-            f"give its size instead, e.g. --params 7B"
-        )
+        config_file = hub_config_file(name, cache_dir)
+        return json.loads(config_file.read_text()), str(config_file.parent)
     raise ModelError(f"model {name!r} not found: not a model directory, a .gguf file or a hub id; try --params")
 
 
@@ -170,8 +217,8 @@ def gguf_config(gguf_file: Path) -> dict[str, Any]:
 
     try:
         return dict(load_gguf_checkpoint(str(gguf_file), return_tensors=False)["config"])
-    except Exception as error:
-        raise ModelError(f"cannot read the GGUF header of {gguf_file}: {error}") from error
+    except ValueError as error:  # not a GGUF file, a truncated one, or an architecture transformers cannot read
+        raise ModelError(f"cannot read the GGUF header of {gguf_file}: {error}") from None
 
 
 def resolve_checkpointing(
@@ -187,7 +234,7 @@ def resolve_checkpointing(
             "more than 90% of the free memory"
         )
     free = available_memory(device)
-    enabled = without.total_bytes > 0.9 * free
+    enabled = without.total_bytes > AUTO_MARGIN * free
     return enabled, f"gradient_checkpointing: auto → {'on' if enabled else 'off'} ({free / GiB:.1f} GiB free)"
 
 

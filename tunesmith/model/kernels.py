@@ -61,8 +61,10 @@ def load_with_unsloth(model_dir: str, dtype: torch.dtype, max_seq_length: int, q
     check_unsloth()
     from unsloth import FastLanguageModel
 
+    from tunesmith.model.resolve import with_hub_weights
+
     model, _ = FastLanguageModel.from_pretrained(
-        model_name=model_dir,
+        model_name=with_hub_weights(model_dir),
         max_seq_length=max_seq_length,
         dtype=dtype,
         load_in_4bit=quantization_bit == 4,

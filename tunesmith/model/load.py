@@ -102,7 +102,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from tunesmith.model.quantize import prequantized_method, quantized_device_map
+    from tunesmith.model.resolve import hub_repo_id, with_hub_weights
 
+    model_dir = with_hub_weights(model_dir)  # a hub model's weights come after the data step
     load_options = {}
     if attn_implementation is not None:
         load_options["attn_implementation"] = attn_implementation
@@ -119,6 +121,8 @@ def load_model(
         raise ModelError(f"cannot load a model from {model_dir}: {error}") from None
     if quantization is not None:
         release_checkpoint_file(model)
+    if hub_repo_id(model_dir) is not None:  # what is saved from it (adapter_config.json) names the hub id, not a cache
+        model.name_or_path = model.config.name_or_path = hub_repo_id(model_dir)
     return model
 
 

@@ -7,7 +7,6 @@ checks and outputs around it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -222,17 +221,10 @@ def choose_gradient_checkpointing(config: RunConfig, model_dir: str) -> bool | s
         return setting
     if (config.train.fsdp_config or {}).get("activation_checkpointing"):
         return False  # FSDP checkpoints activations itself; Trainer refuses both
-    from tunesmith.estimate.memory import available_memory, estimate_peak_memory
+    from tunesmith.estimate.memory import auto_checkpointing
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_config = json.loads((Path(model_dir) / "config.json").read_text())
-    needed = estimate_peak_memory(config, model_config, device=device, gradient_checkpointing=False).total_bytes
-    free = available_memory(device)
-    enabled = needed > 0.9 * free  # keep a margin for fragmentation and what the estimate does not see
-    print(
-        f"gradient checkpointing: {'on' if enabled else 'off'} (auto): the run needs about {needed / 2**30:.1f} GiB "
-        f"without it, {free / 2**30:.1f} GiB is free on {device}"
-    )
+    enabled, reason = auto_checkpointing(config, model_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    print(f"gradient checkpointing: {reason}")
     return enabled
 
 
