@@ -112,6 +112,19 @@ def apply_freeze(
     return model
 
 
+def let_inputs_carry_gradients(model: nn.Module) -> None:
+    """Make the input embeddings' output require grad when the embeddings themselves are frozen (LoRA, QLoRA, freeze).
+
+    Reentrant activation checkpointing (`gradient_checkpointing: offload`) gives a layer's parameters gradients only
+    when the layer's input requires grad; with frozen embeddings nothing does, so no adapter inside a checkpointed
+    layer would learn. Transformers 5 registers the same hook when it turns checkpointing on, but not every path
+    does (older transformers, models with their own checkpointing code), so the recipe sets it itself.
+    """
+    embeddings = model.get_input_embeddings()
+    if not any(parameter.requires_grad for parameter in embeddings.parameters()):
+        embeddings.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())

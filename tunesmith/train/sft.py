@@ -25,6 +25,7 @@ from tunesmith.model.adapters import (
     apply_lora,
     check_adapter_weights,
     count_parameters,
+    let_inputs_carry_gradients,
     linear_layer_names,
     resolve_lora_targets,
 )
@@ -110,6 +111,8 @@ def run_sft(config: RunConfig) -> TrainResult:
     else:
         model = load_model(model_dir, precision.dtype, model_section.trust_remote_code, quantization, attention)
     model = apply_method(model, config)
+    if checkpointing:
+        let_inputs_carry_gradients(model)
     if config.train.torch_compile:
         compile_in_place(model, config.method.chunked_loss)
     trainable, total = count_parameters(model)
