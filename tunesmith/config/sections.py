@@ -50,7 +50,11 @@ class ModelSection(Section):
         "smollm2-135m-instruct",
         description="A local Hugging Face model directory, a .gguf file, a hub id, or the alias smollm2-135m-instruct.",
     )
-    adapter_name_or_path: str | None = Field(None, description="A LoRA adapter directory to load on top of the model.")
+    adapter_name_or_path: list[str] | None = Field(
+        None,
+        description="Saved LoRA adapter directories, comma-separated: all but the last are merged into the model; "
+        "training goes on with the last (create_new_adapter: merge all and train a new one); chat applies them all.",
+    )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Only for models you trust."
     )
@@ -85,6 +89,8 @@ class ModelSection(Section):
         False, description="Load and patch the model with Unsloth; needs an NVIDIA GPU and pip install unsloth."
     )
     rope_scaling: str | None = planned(None, "RoPE scaling is not built yet")
+
+    _split_adapters = field_validator("adapter_name_or_path", mode="before")(_split_list)
 
     @model_validator(mode="after")
     def _quantization_options_agree(self) -> ModelSection:
@@ -238,6 +244,11 @@ class MethodSection(Section):
     )
     freeze_extra_modules: list[str] = Field(
         default_factory=list, description="freeze: extra top-level modules to train (embed_tokens,norm)."
+    )
+    create_new_adapter: bool = Field(
+        False,
+        description="With adapter_name_or_path: merge every given adapter into the model and train a new LoRA "
+        "adapter on top (default: go on training the last one).",
     )
     use_dora: bool = Field(
         False, description="DoRA: LoRA on the direction of each weight plus a trained magnitude vector (peft)."
@@ -582,7 +593,33 @@ class RunConfig(BaseModel):
             )
         if self.train.deepspeed:
             self._optimizer_settings_reach_deepspeed()
+        self._adapters_fit_the_run()
         return self
+
+    def _adapters_fit_the_run(self) -> None:
+        """adapter_name_or_path / create_new_adapter: the combinations LLaMA-Factory also refuses, with the reason."""
+        adapters, method = self.model.adapter_name_or_path, self.method
+        if not adapters:
+            if method.create_new_adapter:
+                raise ValueError("`create_new_adapter: true` merges the adapters of adapter_name_or_path: none is set")
+            return
+        if method.finetuning_type != "lora":
+            raise ValueError(
+                f"`adapter_name_or_path` is a LoRA adapter, which finetuning_type: {method.finetuning_type} does not "
+                "train; use finetuning_type: lora, or merge the adapter into a model and train that"
+            )
+        if self.model.quantization_bit is not None and (len(adapters) > 1 or method.create_new_adapter):
+            raise ValueError(
+                f"`quantization_bit: {self.model.quantization_bit}` takes one adapter to train further: merging "
+                f"{'adapters' if len(adapters) > 1 else 'an adapter'} into quantized weights would round its change "
+                "to the quantization grid; give one adapter without create_new_adapter, or merge them into the "
+                "unquantized model first"
+            )
+        if method.pissa_init and not method.create_new_adapter:
+            raise ValueError(
+                "`pissa_init` initialises a new adapter, and adapter_name_or_path trains an existing one further; "
+                "set create_new_adapter: true (merge it, then a new PiSSA adapter) or remove pissa_init"
+            )
 
     def _optimizer_settings_reach_deepspeed(self) -> None:
         deepspeed = json.loads(Path(self.train.deepspeed).read_text())

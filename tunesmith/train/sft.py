@@ -21,12 +21,16 @@ from tunesmith.data.packing import pack_dataset
 from tunesmith.distributed import deepspeed, fsdp
 from tunesmith.errors import ConfigError
 from tunesmith.model.adapters import (
+    LORA_SHAPE_KEYS,
     apply_freeze,
     apply_lora,
     check_adapter_weights,
+    check_adapters_to_train,
+    check_targets_cover_all,
     count_parameters,
     let_inputs_carry_gradients,
     linear_layer_names,
+    load_adapters,
     resolve_lora_targets,
 )
 from tunesmith.model.kernels import (
@@ -75,6 +79,10 @@ def run_sft(config: RunConfig) -> TrainResult:
     if precision.note:
         print(f"note: {precision.note}")
     attention = check_speed_paths(config, precision.dtype)  # a GPU-only key fails here, before any loading
+    if config.model.adapter_name_or_path:  # a missing adapter, or a LoRA key it cannot honour, fails here too
+        method = config.method
+        explicit = {key: getattr(method, key) for key in LORA_SHAPE_KEYS if key in method.model_fields_set}
+        check_adapters_to_train(config.model.adapter_name_or_path, method.create_new_adapter, explicit)
 
     model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
     tokenizer, chat_format = load_chat_tokenizer(model_dir, config.data.template, config.model.trust_remote_code)
@@ -156,6 +164,13 @@ def apply_method(model, config: RunConfig):
             if config.model.quantization_bit == 4:
                 check_cpu_4bit_shapes(model)
             model = prepare_for_kbit_training(model)
+        if adapters := config.model.adapter_name_or_path:
+            keep_last = not method.create_new_adapter  # go on training the last adapter, or merge it too
+            if keep_last and method.lora_target == ["all"] and "lora_target" in method.model_fields_set:
+                check_targets_cover_all(model, Path(adapters[-1]))
+            model = load_adapters(model, adapters, config.model.model_name_or_path, keep_last=keep_last, trainable=True)
+            if keep_last:
+                return model
         targets = resolve_lora_targets(model, method.lora_target)
         if config.model.use_unsloth:
             alpha = method.lora_alpha or 2 * method.lora_rank
