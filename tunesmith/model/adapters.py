@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,10 @@ def check_adapter_fits(model: nn.Module, adapter_dir: Path, model_name: str) -> 
                 f"the adapter in {adapter_dir} was {trained_on} and does not fit model {model_name}: {problem}"
             )
     if recorded and not _same_model_name(recorded, model_name):
-        print(f"note: the adapter in {adapter_dir} was trained on {recorded}; applying it to {model_name}")
+        print(
+            f"note: the adapter in {adapter_dir} was trained on {recorded}; applying it to {model_name}",
+            file=sys.stderr,
+        )
 
 
 def _misfit(model: nn.Module, name: str, shape: list[int]) -> str | None:
@@ -305,7 +309,7 @@ def _same_model_name(first: str, second: str) -> bool:
 def load_adapters(
     model: nn.Module, adapters: Iterable[str | Path], model_name: str, *, keep_last: bool, trainable: bool = False
 ) -> nn.Module:
-    """Apply saved LoRA adapters to `model`, LLaMA-Factory's way.
+    """Apply saved LoRA adapters to `model`, LLaMA-Factory's way (what it did goes to stderr, beside other notes).
 
     Every adapter but the last is merged into the weights, in order. The last one stays a peft adapter when
     `keep_last` (trainable with `trainable`: training goes on from it), or is merged too (create_new_adapter: a new
@@ -326,9 +330,9 @@ def load_adapters(
         check_adapter_fits(model, adapter_dir, model_name)
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     if to_merge:
-        print(f"adapters merged into the base model: {', '.join(map(str, to_merge))}")
+        print(f"adapters merged into the base model: {', '.join(map(str, to_merge))}", file=sys.stderr)
     if keep_last:
         check_adapter_fits(model, adapter_dirs[-1], model_name)
         model = PeftModel.from_pretrained(model, str(adapter_dirs[-1]), is_trainable=trainable)
-        print(f"adapter {'trained further' if trainable else 'loaded'}: {adapter_dirs[-1]}")
+        print(f"adapter {'trained further' if trainable else 'loaded'}: {adapter_dirs[-1]}", file=sys.stderr)
     return model
