@@ -594,7 +594,50 @@ class RunConfig(BaseModel):
         if self.train.deepspeed:
             self._optimizer_settings_reach_deepspeed()
         self._adapters_fit_the_run()
+        if self.model.use_unsloth:
+            self._unsloth_honours_every_key()
         return self
+
+    def _unsloth_honours_every_key(self) -> None:
+        """Unsloth loads and wraps the model itself: refuse each key its loader or LoRA wrapper cannot honour.
+
+        Honoured through it: quantization_bit, trust_remote_code, lora_rank/alpha/dropout/target, use_rslora,
+        use_dora, additional_target (modules_to_save) and gradient_checkpointing (offload: Unsloth's own).
+        """
+        model, method = self.model, self.method
+        refused = {
+            "finetuning_type": (
+                method.finetuning_type != "lora",
+                f"tunesmith trains LoRA through Unsloth, not {method.finetuning_type}; use finetuning_type: lora",
+            ),
+            "pissa_init": (
+                method.pissa_init,
+                "Unsloth's LoRA starts from its own initialisations (true, gaussian, loftq, corda), not PiSSA",
+            ),
+            "quantization_type": (
+                model.quantization_type != "nf4",
+                "Unsloth's 4-bit loader always quantizes to nf4 with double quantization",
+            ),
+            "double_quantization": (
+                not model.double_quantization,
+                "Unsloth's 4-bit loader always quantizes to nf4 with double quantization",
+            ),
+            "flash_attn": (
+                model.flash_attn != "auto",
+                "Unsloth picks its own attention kernel (FlashAttention-2 or xformers when installed, else sdpa)",
+            ),
+            "enable_liger_kernel": (
+                model.enable_liger_kernel,
+                "Unsloth and Liger replace the same kernels (RMSNorm, RoPE, MLP, loss); keep one",
+            ),
+            "adapter_name_or_path": (
+                bool(model.adapter_name_or_path),
+                "training an existing adapter further goes through peft, not Unsloth's loader",
+            ),
+        }
+        for key, (is_set, reason) in refused.items():
+            if is_set:
+                raise ValueError(f"`{key}` with `use_unsloth: true`: {reason}; remove {key} or use_unsloth")
 
     def _adapters_fit_the_run(self) -> None:
         """adapter_name_or_path / create_new_adapter: the combinations LLaMA-Factory also refuses, with the reason."""

@@ -115,10 +115,18 @@ def run_sft(config: RunConfig) -> TrainResult:
     )
     checkpointing = choose_gradient_checkpointing(config, model_dir)
     if model_section.use_unsloth:
-        model = load_with_unsloth(model_dir, precision.dtype, config.data.cutoff_len, model_section.quantization_bit)
+        model = load_with_unsloth(
+            model_dir,
+            precision.dtype,
+            config.data.cutoff_len,
+            model_section.quantization_bit,
+            model_section.trust_remote_code,
+        )
     else:
         model = load_model(model_dir, precision.dtype, model_section.trust_remote_code, quantization, attention)
-    model = apply_method(model, config)
+    model = apply_method(model, config, checkpointing)
+    if model_section.use_unsloth:
+        checkpointing = False  # Unsloth's get_peft_model set up its own; Trainer must not add a second one
     if checkpointing:
         let_inputs_carry_gradients(model)
     if config.train.torch_compile:
@@ -157,7 +165,7 @@ def run_sft(config: RunConfig) -> TrainResult:
     return TrainResult(output_dir, trainer.state.global_step, result.training_loss, interrupted=False)
 
 
-def apply_method(model, config: RunConfig):
+def apply_method(model, config: RunConfig, checkpointing: bool | str = False):
     method = config.method
     if method.finetuning_type == "lora":
         if getattr(model, "is_quantized", False):  # QLoRA / 8-bit LoRA, or a GPTQ/AWQ model
@@ -175,7 +183,16 @@ def apply_method(model, config: RunConfig):
         if config.model.use_unsloth:
             alpha = method.lora_alpha or 2 * method.lora_rank
             return apply_unsloth_lora(
-                model, targets, method.lora_rank, alpha, method.lora_dropout, method.use_rslora, config.train.seed
+                model,
+                targets,
+                method.lora_rank,
+                alpha,
+                method.lora_dropout,
+                config.train.seed,
+                use_rslora=method.use_rslora,
+                use_dora=method.use_dora,
+                modules_to_save=method.additional_target,
+                checkpointing=checkpointing,
             )
         return apply_lora(
             model,
@@ -208,6 +225,9 @@ def check_speed_paths(config: RunConfig, dtype: torch.dtype) -> str:
         check_unsloth()
     if config.train.optim.startswith("paged_") and not torch.cuda.is_available():
         print(f"note: {config.train.optim} pages optimizer state between GPU and CPU; on a CPU it runs unpaged")
+    if config.model.use_unsloth:
+        print("attention: Unsloth's own")
+        return "sdpa"  # not used: Unsloth's loader patches attention itself
     attention = choose_attention(config.model.flash_attn, dtype)
     print(f"attention: {attention}")
     return attention
