@@ -91,6 +91,9 @@ def test_a_list_merges_all_but_the_last_and_trains_the_last(tmp_path, tiny_model
     assert_same_tensors(start["base"], with_first, atol=1e-6)
     changed = [name for name in base if not torch.allclose(base[name], with_first[name])]
     assert changed, "merging the first adapter changed no weight; the test would prove nothing"
+    # The output applies on top of the first adapter: given alone (to chat, or to train further), that one is
+    # merged in first, as its saved config records.
+    assert_applies_on_top_of(both, tiny_model_dir, first)
 
 
 def test_create_new_adapter_merges_them_all_and_trains_a_new_one(
@@ -113,6 +116,28 @@ def test_create_new_adapter_merges_them_all_and_trains_a_new_one(
     b_matrices = [tensor for name, tensor in start["adapter"].items() if "lora_B" in name]
     assert b_matrices and all(not torch.any(tensor) for tensor in b_matrices)  # a fresh adapter starts at zero
     assert json.loads((new / "adapter_config.json").read_text())["r"] == 4
+    assert_applies_on_top_of(new, tiny_model_dir, first, second)
+
+
+def assert_applies_on_top_of(adapter_dir, model_dir, *beneath) -> None:
+    """Chat with `adapter_dir` alone gives the logits of the base with `beneath` merged and the adapter on top."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.chat.engine import load_chat_engine
+    from tunesmith.config.sections import ModelSection
+
+    chat = load_chat_engine(ModelSection(adapter_name_or_path=str(adapter_dir)))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for merged in beneath:
+        model = PeftModel.from_pretrained(model, str(merged)).merge_and_unload()
+    reference = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter_dir)).eval()
+    inputs = chat.encode([{"role": "user", "content": "Who are you?"}])
+    with torch.no_grad():
+        logits, expected, without = (model(**inputs).logits for model in (chat.model, reference, alone))
+    assert not torch.allclose(without, expected, atol=1e-4), "the adapters beneath change nothing"
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_lora_key_the_continued_adapter_cannot_honour_is_refused(tmp_path, tiny_model_dir, identity_data, capsys):
@@ -152,6 +177,7 @@ def test_an_adapter_of_another_model_is_refused_naming_both(
         (["adapter_name_or_path=a", "finetuning_type=full"], "which finetuning_type: full does not train"),
         (["create_new_adapter=true"], "none is set"),
         (["adapter_name_or_path=a", "pissa_init=true"], "set create_new_adapter: true"),
+        (["adapter_name_or_path=runs/x", "output_dir=runs/x/"], "would write over the adapter it starts from"),
     ],
 )
 def test_adapter_combinations_that_cannot_work_are_refused_before_loading(overrides, message):

@@ -646,6 +646,12 @@ class RunConfig(BaseModel):
             if method.create_new_adapter:
                 raise ValueError("`create_new_adapter: true` merges the adapters of adapter_name_or_path: none is set")
             return
+        output_dir = Path(self.output.output_dir).expanduser().resolve()
+        if any(Path(adapter).expanduser().resolve() == output_dir for adapter in adapters):
+            raise ValueError(
+                f"`adapter_name_or_path` includes output_dir {self.output.output_dir}: the run would write over the "
+                "adapter it starts from; give another output_dir"
+            )
         if method.finetuning_type != "lora":
             raise ValueError(
                 f"`adapter_name_or_path` is a LoRA adapter, which finetuning_type: {method.finetuning_type} does not "

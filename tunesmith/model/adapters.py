@@ -205,6 +205,36 @@ def recorded_base_model(adapter_dir: Path) -> str | None:
     return str(name) if name else None
 
 
+def adapters_beneath(adapter_dir: Path) -> list[str]:
+    """The adapters merged into the base model before this one was trained, in order, from its saved config.
+
+    A run with `adapter_name_or_path: a,b` trains b further on the base with a merged in, so its output applies
+    only on top of a; with create_new_adapter, on top of a and b. Recursive: a may itself sit on others.
+    """
+    config_file = adapter_dir / SAVED_CONFIG_FILE
+    saved = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+    given = saved.get("adapter_name_or_path") if isinstance(saved, dict) else None
+    if not given:
+        return []
+    given = [part.strip() for part in given.split(",")] if isinstance(given, str) else [str(part) for part in given]
+    given = [part for part in given if not _same_model_name(part, str(adapter_dir))]  # never itself
+    stack = with_adapters_beneath(given, note=False)
+    return stack if saved.get("create_new_adapter") else stack[:-1]
+
+
+def with_adapters_beneath(adapters: Iterable[str], note: bool = True) -> list[str]:
+    """`adapters`, each preceded by the adapters it was trained on top of, unless the list has them already."""
+    stack: list[str] = []
+    for adapter in adapters:
+        for beneath in adapters_beneath(check_adapter_dir(adapter)):
+            if not any(_same_model_name(beneath, present) for present in stack):
+                stack.append(beneath)
+                if note:
+                    print(f"note: {adapter} was trained on top of {beneath}, which is merged in first", file=sys.stderr)
+        stack.append(str(adapter))
+    return stack
+
+
 def check_adapters_to_train(adapters: list[str], create_new: bool, lora_settings: Mapping[str, Any]) -> None:
     """Before any loading: every adapter is there, and one trained further keeps its own shape, so a LoRA key set
     to something else is refused rather than ignored. `lora_settings`: the LoRA keys the user set and their values.
@@ -314,11 +344,12 @@ def load_adapters(
     Every adapter but the last is merged into the weights, in order. The last one stays a peft adapter when
     `keep_last` (trainable with `trainable`: training goes on from it), or is merged too (create_new_adapter: a new
     adapter is then trained on top). A quantized model takes one adapter, kept as it is: merging into 4-bit or
-    8-bit weights would round the adapter's change to the quantization grid.
+    8-bit weights would round the adapter's change to the quantization grid. An adapter trained on top of merged
+    adapters gets them merged first (`with_adapters_beneath`), so it applies to the weights it was trained on.
     """
     from peft import PeftModel
 
-    adapter_dirs = [check_adapter_dir(adapter) for adapter in adapters]
+    adapter_dirs = [check_adapter_dir(adapter) for adapter in with_adapters_beneath(adapters)]
     to_merge = adapter_dirs[:-1] if keep_last else adapter_dirs
     if to_merge and getattr(model, "is_quantized", False):
         raise ConfigError(
