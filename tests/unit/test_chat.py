@@ -422,6 +422,20 @@ def test_every_spelling_sets_the_same_keys(argv):
     assert config.model_given
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--do-sample"], True),
+        (["--do_sample", "false"], False),
+        (["--no_do_sample"], False),
+        (["--no-do-sample"], False),
+        (["do_sample=true", "--no-do-sample"], False),
+    ],
+)
+def test_do_sample_spellings(argv, expected):
+    assert parsed(argv).generation.do_sample is expected
+
+
 def test_a_list_of_adapters_merges_all_but_the_last(lora, tiny_model_dir, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -47,21 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             [f"--{flag}", f"--{flag.replace('-', '_')}", f"--{key}", f"--{key.replace('_', '-')}"]
         )
         parser.add_argument(*spellings, dest=key, metavar=key.upper(), help=help_text)
-    parser.add_argument(
-        "--do-sample",
-        "--do_sample",
-        dest="do_sample",
-        action=argparse.BooleanOptionalAction,
-        help="sample (default) or, with --no-do-sample, always take the likeliest token",
-    )
-    parser.add_argument(
-        "--trust-remote-code",
-        "--trust_remote_code",
-        dest="trust_remote_code",
-        action="store_true",
-        default=None,
-        help="run Python code shipped with the model",
-    )
+    # Switches as LLaMA-Factory's parser takes them: `--do_sample`, `--do_sample false`, `--no_do_sample`.
+    for flag, help_text in (
+        ("do-sample", "sample (default), or always take the likeliest token (--no-do-sample, --do-sample false)"),
+        ("trust-remote-code", "run Python code shipped with the model"),
+    ):
+        key = flag.replace("-", "_")
+        parser.add_argument(f"--{flag}", f"--{key}", dest=key, nargs="?", const=True, metavar="BOOL", help=help_text)
+        parser.add_argument(f"--no-{flag}", f"--no_{key}", dest=key, action="store_const", const=False, help="")
     parser.add_argument("--prompt", metavar="TEXT", help="answer this one message, print the reply and exit")
 
 
