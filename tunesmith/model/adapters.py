@@ -239,7 +239,7 @@ def check_adapters_to_train(adapters: list[str], create_new: bool, lora_settings
     """Before any loading: every adapter is there, and one trained further keeps its own shape, so a LoRA key set
     to something else is refused rather than ignored. `lora_settings`: the LoRA keys the user set and their values.
     """
-    adapter_dirs = [check_adapter_dir(adapter) for adapter in adapters]
+    adapter_dirs = [check_adapter_dir(adapter) for adapter in with_adapters_beneath(adapters, note=False)]
     if create_new:
         return  # they are all merged; the new adapter takes the LoRA keys
     adapter_dir = adapter_dirs[-1]
