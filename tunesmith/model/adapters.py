@@ -245,11 +245,9 @@ def check_adapters_to_train(adapters: list[str], create_new: bool, lora_settings
     adapter_dir = adapter_dirs[-1]
     saved = read_adapter_config(adapter_dir)
     for key, value in lora_settings.items():
-        if key == "lora_target" and list(value) == ["all"]:
-            continue  # compared once the model is loaded (check_targets_cover_all)
+        if (key == "lora_target" and list(value) == ["all"]) or (key == "lora_alpha" and value is None):
+            continue  # `all` is compared once the model is loaded (check_targets_cover_all); None: the adapter's
         expected = saved.get(LORA_SHAPE_KEYS[key])
-        if key == "lora_alpha" and value is None:
-            continue
         same = sorted(value or []) == sorted(expected or []) if isinstance(value, list) else value == expected
         if not same:
             raise ConfigError(
@@ -310,7 +308,7 @@ def _misfit(model: nn.Module, name: str, shape: list[int]) -> str | None:
         except AttributeError:
             return f"it trains {parameter_path}, which this model does not have"
         if parameter.dtype.is_floating_point and list(parameter.shape) != shape:
-            return f"{parameter_path} is {list(parameter.shape)} in the adapter's model and {shape} here"
+            return f"{parameter_path} is {list(parameter.shape)} here, and {shape} in the adapter's model"
         return None
     try:
         module = model.get_submodule(module_path)
