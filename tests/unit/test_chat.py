@@ -317,6 +317,8 @@ def one_line_error(capsys) -> str:
         (["max_new_token=4"], "unknown inference key `max_new_token`; did you mean max_new_tokens"),
         (["num_beams=4"], "`num_beams: 4` is not supported yet (beam search"),
         (["infer_backend=vllm"], "`infer_backend: 'vllm'` is not supported yet"),
+        (["--adapter", "a,b", "quantization_bit=4"], "`quantization_bit: 4` takes one adapter"),
+        (["create_new_adapter=true"], "`create_new_adapter` is not used for inference"),
     ],
 )
 def test_bad_generation_options_exit_2_before_loading(flags, message, capsys, monkeypatch):

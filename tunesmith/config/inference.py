@@ -96,7 +96,14 @@ class InferenceConfig(BaseModel):
         ):
             if getattr(self.model, key):
                 raise ValueError(f"`{key}: true`: {reason}; inference does not use it, remove the key")
-        if self.model.adapter_name_or_path and self.engine.finetuning_type != "lora":
+        adapters = self.model.adapter_name_or_path or []
+        if self.model.quantization_bit is not None and len(adapters) > 1:
+            raise ValueError(
+                f"`quantization_bit: {self.model.quantization_bit}` takes one adapter: merging the others into "
+                "quantized weights would round their change to the quantization grid; remove quantization_bit or "
+                "give one adapter"
+            )
+        if adapters and self.engine.finetuning_type != "lora":
             raise ValueError(
                 f"`adapter_name_or_path` is a LoRA adapter, but finetuning_type is {self.engine.finetuning_type}; "
                 "a full or freeze run saved a whole model: give it as model_name_or_path"
