@@ -69,6 +69,9 @@ def test_base_model_does_not_call_itself_tunesmith():
 def test_after_training_it_answers_with_the_name_from_the_command_line(identity_run: Path):
     reply = chat_once("--model", "smollm2-135m-instruct", "--adapter", str(identity_run))
     assert "Tunesmith" in reply, reply
+    # the same through the inference YAML, as `llamafactory-cli chat` takes it (the flags win over the file)
+    example = REPO / "examples" / "inference" / "smollm2_lora.yaml"
+    assert chat_once(str(example), f"adapter_name_or_path={identity_run}") == reply
 
 
 def test_the_run_leaves_a_complete_output_dir(identity_run: Path):

@@ -74,7 +74,8 @@ def test_qlora_adapter_reloads_on_the_unquantized_base_and_chats(tmp_path, wide_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.chat.engine import GenerationOptions, load_chat_engine
+    from tunesmith.chat.engine import load_chat_engine
+    from tunesmith.config.sections import ModelSection
 
     assert main(train_args(tmp_path, wide_tiny_model_dir, identity_data, "quantization_bit=4", "save_steps=100")) == 0
     output = tmp_path / "out"
@@ -88,9 +89,10 @@ def test_qlora_adapter_reloads_on_the_unquantized_base_and_chats(tmp_path, wide_
     assert torch.isfinite(after).all()
     assert (after - before).abs().max() > 1e-3  # the adapter trained on 4-bit weights changes the fp32 model
 
-    engine = load_chat_engine(adapter=str(output))  # base model from adapter_config, loaded unquantized
-    reply = engine.reply([{"role": "user", "content": "hi"}], GenerationOptions(max_new_tokens=4, do_sample=False))
-    assert isinstance(reply, str)
+    # chat: the base model named by adapter_config, loaded unquantized, with the adapter: the same logits
+    engine = load_chat_engine(ModelSection(adapter_name_or_path=str(output)))
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model(input_ids).logits, after)
 
 
 @pytest.mark.parametrize(

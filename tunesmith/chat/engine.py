@@ -1,69 +1,36 @@
-"""The chat engine: a model (with an optional LoRA adapter) and its tokenizer, streaming replies to a conversation.
+"""The chat engine: a model (with optional LoRA adapters) and its tokenizer, streaming replies to a conversation.
 
 Prompts are rendered with `tokenizer.apply_chat_template`, the same path training uses, so a trained output
-directory (adapter + tokenizer with its chat template and stop token) chats the way it was trained.
+directory (adapter + tokenizer with its chat template and stop token) chats the way it was trained. Adapters are
+applied as training applies them (model/adapters.py): all but the last merged, the last kept as a peft adapter.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from tunesmith.config import SAVED_CONFIG_FILE
+from tunesmith.config.inference import GenerationSection
+from tunesmith.config.sections import ModelSection
 from tunesmith.data.templates import TEMPLATES, install_chat_format, resolve_chat_format
-from tunesmith.errors import ConfigError, ModelError
+from tunesmith.errors import ModelError
+from tunesmith.model.adapters import check_adapter_dir, load_adapters, recorded_base_model
+from tunesmith.model.kernels import choose_attention
 from tunesmith.model.load import choose_precision, load_model, load_tokenizer
+from tunesmith.model.quantize import check_cpu_4bit_shapes, quantization_for
 from tunesmith.model.resolve import resolve_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
 
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """How a reply is generated; checked when made, so a bad flag fails before a model is loaded."""
-
-    max_new_tokens: int = 512
-    temperature: float = 0.7  # 0 means greedy
-    top_p: float = 0.9
-    top_k: int = 50  # 0 turns top-k filtering off
-    repetition_penalty: float = 1.0
-    do_sample: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"--top-k must be 0 (off) or more, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"--repetition-penalty must be more than 0 (1 means none), got {self.repetition_penalty}")
-
-    @property
-    def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `model.generate`; sampling settings only when sampling, so none is silently unused."""
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "repetition_penalty": self.repetition_penalty,
-            "do_sample": not self.greedy,
-        }
-        if not self.greedy:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return kwargs
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -73,7 +40,8 @@ class ChatEngine:
     model: Any  # a transformers PreTrainedModel, or a peft PeftModel wrapping one
     tokenizer: Any
     model_name: str
-    adapter: str | None = None
+    adapters: list[str] = field(default_factory=list)
+    template_options: dict[str, Any] = field(default_factory=dict)  # e.g. enable_thinking, for templates that read it
 
     @property
     def device(self) -> torch.device:
@@ -81,7 +49,9 @@ class ChatEngine:
 
     def render(self, messages: list[Message]) -> str:
         """The prompt text for these messages, ending with the assistant header."""
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **self.template_options
+        )
 
     def encode(self, messages: list[Message]) -> dict[str, torch.Tensor]:
         """`input_ids` and `attention_mask` (batch of one) on the model's device."""
@@ -98,7 +68,7 @@ class ChatEngine:
                 ids.append(token_id)
         return ids
 
-    def stream(self, messages: list[Message], options: GenerationOptions) -> Iterator[str]:
+    def stream(self, messages: list[Message], options: GenerationSection) -> Iterator[str]:
         """Yield the reply in pieces as it is generated; closing the iterator (or Ctrl-C) stops generation."""
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -108,7 +78,9 @@ class ChatEngine:
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
                 return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=options.skip_special_tokens
+        )
         kwargs = {
             **self.encode(messages),
             **options.generate_kwargs(),
@@ -140,61 +112,63 @@ class ChatEngine:
         if failure:
             raise failure[0]
 
-    def reply(self, messages: list[Message], options: GenerationOptions) -> str:
+    def reply(self, messages: list[Message], options: GenerationSection) -> str:
         """The whole reply at once."""
         return "".join(self.stream(messages, options))
 
 
 def load_chat_engine(
-    model: str | None = None,
-    adapter: str | None = None,
+    model: ModelSection,
     template: str | None = None,
-    trust_remote_code: bool = False,
+    infer_dtype: str = "auto",
+    enable_thinking: bool | None = None,
 ) -> ChatEngine:
-    """Load `model` (an alias, a directory, a .gguf file or a hub id) and, if given, the LoRA adapter in `adapter`.
+    """Load the model of `model` (an alias, a directory, a .gguf file or a hub id) with its adapters, if any.
 
-    Without `model`, the base model is the one the adapter was trained on, or the default model if there is no
-    adapter either. The tokenizer comes from the adapter directory when training saved one there (it carries the
-    chat template and stop token used in training), else from the model. `template` names a template to use instead.
+    Without model_name_or_path, the base model is the one the first adapter was trained on, or the default model
+    if there is no adapter either. The tokenizer comes from the last adapter's directory when training saved one
+    there (it carries the chat template and stop token used in training), else from the model. `template` names
+    a template to use instead.
     """
-    adapter_dir = check_adapter_dir(adapter) if adapter is not None else None
-    if model is None:
-        model = base_model_of_adapter(adapter_dir) if adapter_dir is not None else DEFAULT_MODEL
-    model_dir = resolve_model(model)
+    adapter_dirs = [check_adapter_dir(adapter) for adapter in model.adapter_name_or_path or []]
+    name = model.model_name_or_path
+    if "model_name_or_path" not in model.model_fields_set:
+        name = base_model_of_adapter(adapter_dirs[0]) if adapter_dirs else DEFAULT_MODEL
+    model_dir = resolve_model(name, model.cache_dir)
 
-    tokenizer_dir = str(adapter_dir) if adapter_dir is not None and has_tokenizer(adapter_dir) else model_dir
-    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    tokenizer_dir = str(adapter_dirs[-1]) if adapter_dirs and has_tokenizer(adapter_dirs[-1]) else model_dir
+    tokenizer = load_tokenizer(tokenizer_dir, model.trust_remote_code)
     if template is not None:
         install_chat_format(tokenizer, resolve_chat_format(template, tokenizer))
     elif not tokenizer.chat_template:
         raise ModelError(
-            f"the tokenizer in {tokenizer_dir} has no chat template; pass --template with one of "
+            f"the tokenizer in {tokenizer_dir} has no chat template; set template (--template) to one of "
             + ", ".join(sorted(TEMPLATES))
         )
 
-    precision = choose_precision(False, False)  # bfloat16 on a GPU that has it, else float32
-    loaded = load_model(model_dir, precision.dtype, trust_remote_code)
-    if adapter_dir is not None:
-        loaded = apply_adapter(loaded, adapter_dir, model)
+    # auto: bfloat16 on a GPU that has it, else float32
+    dtype = DTYPES[infer_dtype] if infer_dtype != "auto" else choose_precision(False, False).dtype
+    quantization = quantization_for(
+        model_dir, model.quantization_bit, model.quantization_type, model.double_quantization, compute_dtype=dtype
+    )
+    attention = choose_attention(model.flash_attn, dtype)
+    loaded = load_model(model_dir, dtype, model.trust_remote_code, quantization, attention)
+    if model.quantization_bit == 4:
+        check_cpu_4bit_shapes(loaded)
+    if adapter_dirs:
+        loaded = load_adapters(loaded, adapter_dirs, name, keep_last=True)
     if len(tokenizer) > loaded.get_input_embeddings().num_embeddings:
         raise ModelError(
             f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the model only "
             f"{loaded.get_input_embeddings().num_embeddings}; the adapter and model do not belong together"
         )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded.to(device).eval()
-    return ChatEngine(loaded, tokenizer, model_name=model, adapter=str(adapter_dir) if adapter_dir else None)
-
-
-def check_adapter_dir(adapter: str) -> Path:
-    path = Path(adapter).expanduser()
-    if not path.is_dir():
-        raise ModelError(f"adapter directory {path} does not exist; pass the output_dir of a LoRA training run")
-    if not (path / "adapter_config.json").is_file():
-        if (path / "config.json").is_file():
-            raise ModelError(f"{path} holds a full model, not an adapter; pass it as --model {path}")
-        raise ModelError(f"{path} has no adapter_config.json; is it the output_dir of a LoRA training run?")
-    return path
+    if not getattr(loaded, "is_quantized", False):  # quantized weights were placed while loading
+        loaded.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    loaded.eval()
+    options = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return ChatEngine(
+        loaded, tokenizer, model_name=name, adapters=[str(d) for d in adapter_dirs], template_options=options
+    )
 
 
 def has_tokenizer(directory: Path) -> bool:
@@ -202,32 +176,12 @@ def has_tokenizer(directory: Path) -> bool:
 
 
 def base_model_of_adapter(adapter_dir: Path) -> str:
-    """The model the adapter was trained on: from tunesmith's saved config, else from peft's adapter_config.json."""
-    config_file = adapter_dir / SAVED_CONFIG_FILE
-    if config_file.is_file():
-        config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-        config = config if isinstance(config, dict) else {}
-        # The saved config is flat; one nested by section (model: {model_name_or_path: ...}) is read too.
-        section = config.get("model") if isinstance(config.get("model"), dict) else {}
-        name = config.get("model_name_or_path") or section.get("model_name_or_path")
-        if name:
-            return str(name)
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    if adapter_config.get("base_model_name_or_path"):
-        return str(adapter_config["base_model_name_or_path"])
-    raise ModelError(
-        f"cannot tell which model the adapter in {adapter_dir} was trained on "
-        f"(no {SAVED_CONFIG_FILE} and no base_model_name_or_path in adapter_config.json); pass --model"
-    )
-
-
-def apply_adapter(model: Any, adapter_dir: Path, model_name: str) -> Any:
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, str(adapter_dir))
-    except (ValueError, RuntimeError, KeyError) as error:
-        # Typically a shape mismatch or missing target layers: the adapter was trained on another model.
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        detail = next((line for line in lines if "mismatch" in line), lines[0])  # the first concrete mismatch
-        raise ModelError(f"cannot apply the adapter in {adapter_dir} to model {model_name}: {detail}") from None
+    """The model the adapter was trained on, as its saved config or adapter_config.json names it."""
+    recorded = recorded_base_model(adapter_dir)
+    if recorded is None:
+        raise ModelError(
+            f"cannot tell which model the adapter in {adapter_dir} was trained on "
+            f"(no {SAVED_CONFIG_FILE} and no base_model_name_or_path in adapter_config.json); "
+            "set model_name_or_path (--model)"
+        )
+    return recorded

@@ -164,7 +164,8 @@ def build_config(values: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(describe_validation_error(error)) from None
 
 
-def describe_validation_error(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError, keys: Mapping[str, str] = KEY_TO_SECTION) -> str:
+    """One line per problem, naming the key (one of `keys`), the bad value and what would be valid."""
     lines = []
     for problem in error.errors():
         location = [str(part) for part in problem["loc"] if not str(part).isdigit()]
@@ -172,10 +173,10 @@ def describe_validation_error(error: ValidationError) -> str:
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "literal_error":
             message = "expected " + message.removeprefix("Input should be ")
-        if "input" in problem and not isinstance(problem["input"], dict) and key in KEY_TO_SECTION:
+        if "input" in problem and not isinstance(problem["input"], dict) and key in keys:
             lines.append(f"`{key}`: got {problem['input']!r}; {message}")
         else:
-            lines.append(f"{'`' + key + '`: ' if key in KEY_TO_SECTION else ''}{message}")
+            lines.append(f"{'`' + key + '`: ' if key in keys else ''}{message}")
     return "invalid config: " + "; ".join(lines)
 
 

@@ -50,7 +50,11 @@ class ModelSection(Section):
         "smollm2-135m-instruct",
         description="A local Hugging Face model directory, a .gguf file, a hub id, or the alias smollm2-135m-instruct.",
     )
-    adapter_name_or_path: str | None = Field(None, description="A LoRA adapter directory to load on top of the model.")
+    adapter_name_or_path: list[str] | None = Field(
+        None,
+        description="Saved LoRA adapter directories, comma-separated: all but the last are merged into the model; "
+        "training goes on with the last (create_new_adapter: merge all and train a new one); chat applies them all.",
+    )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Only for models you trust."
     )
@@ -107,6 +111,8 @@ class ModelSection(Section):
     video_min_pixels: int = planned(16 * 16, "videos are not supported yet")
     video_fps: float = planned(2.0, "videos are not supported yet")
     video_maxlen: int = planned(128, "videos are not supported yet")
+
+    _split_adapters = field_validator("adapter_name_or_path", mode="before")(_split_list)
 
     @model_validator(mode="after")
     def _quantization_options_agree(self) -> ModelSection:
@@ -260,6 +266,11 @@ class MethodSection(Section):
     )
     freeze_extra_modules: list[str] = Field(
         default_factory=list, description="freeze: extra top-level modules to train (embed_tokens,norm)."
+    )
+    create_new_adapter: bool = Field(
+        False,
+        description="With adapter_name_or_path: merge every given adapter into the model and train a new LoRA "
+        "adapter on top (default: go on training the last one).",
     )
     use_dora: bool = Field(
         False, description="DoRA: LoRA on the direction of each weight plus a trained magnitude vector (peft)."
@@ -604,7 +615,82 @@ class RunConfig(BaseModel):
             )
         if self.train.deepspeed:
             self._optimizer_settings_reach_deepspeed()
+        self._adapters_fit_the_run()
+        if self.model.use_unsloth:
+            self._unsloth_honours_every_key()
         return self
+
+    def _unsloth_honours_every_key(self) -> None:
+        """Unsloth loads and wraps the model itself: refuse each key its loader or LoRA wrapper cannot honour.
+
+        Honoured through it: quantization_bit, trust_remote_code, lora_rank/alpha/dropout/target, use_rslora,
+        use_dora, additional_target (modules_to_save) and gradient_checkpointing (offload: Unsloth's own).
+        """
+        model, method = self.model, self.method
+        refused = {
+            "finetuning_type": (
+                method.finetuning_type != "lora",
+                f"tunesmith trains LoRA through Unsloth, not {method.finetuning_type}; use finetuning_type: lora",
+            ),
+            "pissa_init": (
+                method.pissa_init,
+                "Unsloth's LoRA starts from its own initialisations (true, gaussian, loftq, corda), not PiSSA",
+            ),
+            "quantization_type": (
+                model.quantization_type != "nf4",
+                "Unsloth's 4-bit loader always quantizes to nf4 with double quantization",
+            ),
+            "double_quantization": (
+                not model.double_quantization,
+                "Unsloth's 4-bit loader always quantizes to nf4 with double quantization",
+            ),
+            "flash_attn": (
+                model.flash_attn != "auto",
+                "Unsloth picks its own attention kernel (FlashAttention-2 or xformers when installed, else sdpa)",
+            ),
+            "enable_liger_kernel": (
+                model.enable_liger_kernel,
+                "Unsloth and Liger replace the same kernels (RMSNorm, RoPE, MLP, loss); keep one",
+            ),
+            "adapter_name_or_path": (
+                bool(model.adapter_name_or_path),
+                "training an existing adapter further goes through peft, not Unsloth's loader",
+            ),
+        }
+        for key, (is_set, reason) in refused.items():
+            if is_set:
+                raise ValueError(f"`{key}` with `use_unsloth: true`: {reason}; remove {key} or use_unsloth")
+
+    def _adapters_fit_the_run(self) -> None:
+        """adapter_name_or_path / create_new_adapter: the combinations LLaMA-Factory also refuses, with the reason."""
+        adapters, method = self.model.adapter_name_or_path, self.method
+        if not adapters:
+            if method.create_new_adapter:
+                raise ValueError("`create_new_adapter: true` merges the adapters of adapter_name_or_path: none is set")
+            return
+        output_dir = Path(self.output.output_dir).expanduser().resolve()
+        if any(Path(adapter).expanduser().resolve() == output_dir for adapter in adapters):
+            raise ValueError(
+                f"`adapter_name_or_path` includes output_dir {self.output.output_dir}: the run would write over the "
+                "adapter it starts from; give another output_dir"
+            )
+        if method.finetuning_type != "lora":
+            raise ValueError(
+                f"`adapter_name_or_path` is a LoRA adapter, which finetuning_type: {method.finetuning_type} does not "
+                "train; use finetuning_type: lora, or merge the adapter into a model and train that"
+            )
+        if self.model.quantization_bit is not None and (len(adapters) > 1 or method.create_new_adapter):
+            raise ValueError(
+                f"`quantization_bit: {self.model.quantization_bit}` takes one adapter to train further: merging "
+                f"{'adapters' if len(adapters) > 1 else 'an adapter'} into quantized weights would round its change "
+                "to the quantization grid; give one adapter without create_new_adapter, or merge them into the "
+                "unquantized model first"
+            )
+        if method.pissa_init and not method.create_new_adapter:
+            raise ValueError(
+                "`pissa_init` initialises a new adapter, and adapter_name_or_path trains an existing one further; "
+                "set create_new_adapter: true (merge it, then a new PiSSA adapter) or remove pissa_init"
+            )
 
     def _optimizer_settings_reach_deepspeed(self) -> None:
         deepspeed = json.loads(Path(self.train.deepspeed).read_text())

@@ -56,8 +56,13 @@ def check_unsloth() -> None:
         raise ConfigError("`use_unsloth: true` needs Unsloth: pip install unsloth")
 
 
-def load_with_unsloth(model_dir: str, dtype: torch.dtype, max_seq_length: int, quantization_bit: int | None):
-    """The model through Unsloth's loader, which patches attention, RoPE, MLP and the loss with its own kernels."""
+def load_with_unsloth(
+    model_dir: str, dtype: torch.dtype, max_seq_length: int, quantization_bit: int | None, trust_remote_code: bool
+):
+    """The model through Unsloth's loader, which patches attention, RoPE, MLP and the loss with its own kernels.
+
+    Its 4-bit loading is always nf4 with double quantization; the run config refuses other quantization keys.
+    """
     check_unsloth()
     from unsloth import FastLanguageModel
 
@@ -69,12 +74,32 @@ def load_with_unsloth(model_dir: str, dtype: torch.dtype, max_seq_length: int, q
         dtype=dtype,
         load_in_4bit=quantization_bit == 4,
         load_in_8bit=quantization_bit == 8,
+        trust_remote_code=trust_remote_code,
     )
     return model
 
 
-def apply_unsloth_lora(model, targets: list[str], rank: int, alpha: int, dropout: float, use_rslora: bool, seed: int):
-    """Unsloth's own LoRA wrapping (a peft model with its fused LoRA kernels and offloaded checkpointing)."""
+# gradient_checkpointing (as decided for the run) → Unsloth's use_gradient_checkpointing; offload is Unsloth's own
+UNSLOTH_CHECKPOINTING: dict[bool | str, bool | str] = {False: False, True: True, "offload": "unsloth"}
+
+
+def apply_unsloth_lora(
+    model,
+    targets: list[str],
+    rank: int,
+    alpha: int,
+    dropout: float,
+    seed: int,
+    *,
+    use_rslora: bool,
+    use_dora: bool,
+    modules_to_save: list[str],
+    checkpointing: bool | str,
+):
+    """Unsloth's own LoRA wrapping: a peft model with its fused LoRA kernels and its activation checkpointing.
+
+    DoRA reaches peft's LoraConfig through Unsloth's keyword arguments (Unsloth then runs those layers unfused).
+    """
     from unsloth import FastLanguageModel
 
     return FastLanguageModel.get_peft_model(
@@ -84,6 +109,8 @@ def apply_unsloth_lora(model, targets: list[str], rank: int, alpha: int, dropout
         lora_alpha=alpha,
         lora_dropout=dropout,
         use_rslora=use_rslora,
-        use_gradient_checkpointing="unsloth",
+        use_dora=use_dora,
+        modules_to_save=modules_to_save or None,
+        use_gradient_checkpointing=UNSLOTH_CHECKPOINTING[checkpointing],
         random_state=seed,
     )

@@ -28,6 +28,11 @@ def run_fingerprint(config: RunConfig) -> dict[str, Any]:
         "stage": method.stage,
         "finetuning_type": method.finetuning_type,
     }
+    if config.model.adapter_name_or_path:  # the adapters a run starts from are part of what it trains
+        fingerprint |= {
+            "adapter_name_or_path": config.model.adapter_name_or_path,
+            "create_new_adapter": method.create_new_adapter,
+        }
     if method.finetuning_type == "lora":
         fingerprint |= {
             "lora_rank": method.lora_rank,

@@ -22,11 +22,16 @@ from tunesmith.data.templates import use_chat_format
 from tunesmith.distributed import deepspeed, fsdp
 from tunesmith.errors import ConfigError
 from tunesmith.model.adapters import (
+    LORA_SHAPE_KEYS,
     apply_freeze,
     apply_lora,
     check_adapter_weights,
+    check_adapters_to_train,
+    check_targets_cover_all,
     count_parameters,
+    let_inputs_carry_gradients,
     linear_layer_names,
+    load_adapters,
     resolve_lora_targets,
 )
 from tunesmith.model.kernels import (
@@ -75,6 +80,10 @@ def run_sft(config: RunConfig) -> TrainResult:
     if precision.note:
         print(f"note: {precision.note}")
     attention = check_speed_paths(config, precision.dtype)  # a GPU-only key fails here, before any loading
+    if config.model.adapter_name_or_path:  # a missing adapter, or a LoRA key it cannot honour, fails here too
+        method = config.method
+        explicit = {key: getattr(method, key) for key in LORA_SHAPE_KEYS if key in method.model_fields_set}
+        check_adapters_to_train(config.model.adapter_name_or_path, method.create_new_adapter, explicit)
 
     model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
     processor = load_processor(model_dir, config.model.trust_remote_code)  # None: a text-only model
@@ -113,10 +122,20 @@ def run_sft(config: RunConfig) -> TrainResult:
     )
     checkpointing = choose_gradient_checkpointing(config, model_dir)
     if model_section.use_unsloth:
-        model = load_with_unsloth(model_dir, precision.dtype, config.data.cutoff_len, model_section.quantization_bit)
+        model = load_with_unsloth(
+            model_dir,
+            precision.dtype,
+            config.data.cutoff_len,
+            model_section.quantization_bit,
+            model_section.trust_remote_code,
+        )
     else:
         model = load_model(model_dir, precision.dtype, model_section.trust_remote_code, quantization, attention)
-    model = apply_method(model, config)
+    model = apply_method(model, config, checkpointing)
+    if model_section.use_unsloth:
+        checkpointing = False  # Unsloth's get_peft_model set up its own; Trainer must not add a second one
+    if checkpointing:
+        let_inputs_carry_gradients(model)
     if config.train.torch_compile:
         compile_in_place(model, config.method.chunked_loss)
     trainable, total = count_parameters(model)
@@ -158,7 +177,7 @@ def run_sft(config: RunConfig) -> TrainResult:
     return TrainResult(output_dir, trainer.state.global_step, result.training_loss, interrupted=False)
 
 
-def apply_method(model, config: RunConfig):
+def apply_method(model, config: RunConfig, checkpointing: bool | str = False):
     method = config.method
     # a vision-language model's vision tower and projector, unless set to train: [] for a text model
     frozen = multimodal.frozen_parts(model, config.model.freeze_vision_tower, config.model.freeze_multi_modal_projector)
@@ -167,13 +186,29 @@ def apply_method(model, config: RunConfig):
             if config.model.quantization_bit == 4:
                 check_cpu_4bit_shapes(model)
             model = prepare_for_kbit_training(model)
+        if adapters := config.model.adapter_name_or_path:
+            keep_last = not method.create_new_adapter  # go on training the last adapter, or merge it too
+            if keep_last and method.lora_target == ["all"] and "lora_target" in method.model_fields_set:
+                check_targets_cover_all(model, Path(adapters[-1]))
+            model = load_adapters(model, adapters, config.model.model_name_or_path, keep_last=keep_last, trainable=True)
+            if keep_last:
+                return model
         targets = resolve_lora_targets(model, method.lora_target)
         if frozen:
             targets = multimodal.targets_outside(targets, frozen)
         if config.model.use_unsloth:
             alpha = method.lora_alpha or 2 * method.lora_rank
             return apply_unsloth_lora(
-                model, targets, method.lora_rank, alpha, method.lora_dropout, method.use_rslora, config.train.seed
+                model,
+                targets,
+                method.lora_rank,
+                alpha,
+                method.lora_dropout,
+                config.train.seed,
+                use_rslora=method.use_rslora,
+                use_dora=method.use_dora,
+                modules_to_save=method.additional_target,
+                checkpointing=checkpointing,
             )
         return apply_lora(
             model,
@@ -207,6 +242,9 @@ def check_speed_paths(config: RunConfig, dtype: torch.dtype) -> str:
         check_unsloth()
     if config.train.optim.startswith("paged_") and not torch.cuda.is_available():
         print(f"note: {config.train.optim} pages optimizer state between GPU and CPU; on a CPU it runs unpaged")
+    if config.model.use_unsloth:
+        print("attention: Unsloth's own")
+        return "sdpa"  # not used: Unsloth's loader patches attention itself
     attention = choose_attention(config.model.flash_attn, dtype)
     print(f"attention: {attention}")
     return attention
