@@ -20,7 +20,6 @@ from tests.unit.test_train import train, train_args
 from tunesmith.config import load_config
 from tunesmith.distributed import launch
 from tunesmith.distributed.deepspeed import SHIPPED
-from tunesmith.distributed.process_group import TEST_FAIL_RANK, TEST_SLOW_RANK
 from tunesmith.errors import ConfigError
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
@@ -87,6 +86,17 @@ def test_launch_settings_that_cannot_work_are_refused():
         launch.plan_launch(train_section("nnodes=2", "node_rank=2", "master_addr=a"), {}, devices=0)
     with pytest.raises(ConfigError, match="NNODES"):
         launch.plan_launch(train_section(), {"NNODES": "two"}, devices=0)
+
+
+# Fault injection (tests/hooks/sitecustomize.py), in the processes of a job started `with_hooks`.
+FAIL_RANK, SLOW_RANK = "TUNESMITH_TEST_FAIL_RANK", "TUNESMITH_TEST_SLOW_RANK"
+HOOKS = REPO / "tests" / "hooks"
+
+
+def with_hooks(**env: str) -> dict[str, str]:
+    """Environment variables that load tests/hooks/sitecustomize.py in every process, and the faults it injects."""
+    path = os.pathsep.join(p for p in (str(HOOKS), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, **env}
 
 
 def run_tunesmith(args: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
@@ -178,7 +188,7 @@ def peft_adapter(base_dir: Path, adapter_dir: Path) -> dict:
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, tiny_model_dir, identity_data):
     args = train_args(tmp_path, tiny_model_dir, identity_data, "nproc_per_node=2", "ddp_timeout=60")
     started = time.perf_counter()
-    result = run_tunesmith(args, timeout=90, **{TEST_FAIL_RANK: "1"})
+    result = run_tunesmith(args, timeout=90, **with_hooks(**{FAIL_RANK: "1"}))
     elapsed = time.perf_counter() - started
     assert result.returncode != 0
     output = result.stdout + result.stderr
@@ -192,7 +202,7 @@ def test_overwrite_with_two_processes_clears_the_old_run_once(tmp_path, tiny_mod
     # Rank 1 starts 8 s late in the first run: rank 0 must not write this run's files into the directory before
     # rank 1 has checked it, or rank 1 refuses it as one that "already holds this run" (a race seen under load).
     first_args = train_args(tmp_path, tiny_model_dir, identity_data, "nproc_per_node=2", "save_steps=2")
-    first = run_tunesmith(first_args, **{TEST_SLOW_RANK: "1:8"})
+    first = run_tunesmith(first_args, **with_hooks(**{SLOW_RANK: "1:8"}))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert (tmp_path / "out" / "checkpoint-4").is_dir()
     again = run_tunesmith(
