@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from tests.conftest import REPO
 from tests.unit.test_train import train, train_args
 from tunesmith.config import load_config
+from tunesmith.config.deepspeed_config import SHIPPED
 from tunesmith.distributed import launch
-from tunesmith.distributed.deepspeed import SHIPPED
 from tunesmith.errors import ConfigError
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
@@ -409,16 +409,15 @@ def test_tutorial_launchers_start_two_processes(kind, tmp_path, tiny_model_dir, 
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
-def test_two_nodes_on_one_machine_train_as_one_job(tmp_path, tiny_model_dir, identity_data):
-    """The README's two-node commands, both nodes here: NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT, 1 process each."""
-    method_args = ("finetuning_type=lora", *SHORT_RUN)
-    one = train(tmp_path, tiny_model_dir, identity_data, *method_args, "per_device_train_batch_size=4", output="one")
-
+def run_two_nodes(tmp_path: Path, tiny_model_dir: Path, identity_data: Path, *overrides: str, output: str) -> list:
+    """The README's two-node commands, both nodes here (NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT, 1 process each),
+    each with its own output_dir (`{output}-node0`, `{output}-node1`), as nodes without a shared file system have.
+    Returns each node's stdout."""
     port = str(launch.free_port())
     environ = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK")}
     nodes = []
     for node_rank in (0, 1):
-        args = train_args(tmp_path, tiny_model_dir, identity_data, *method_args, output=f"node{node_rank}")
+        args = train_args(tmp_path, tiny_model_dir, identity_data, *overrides, output=f"{output}-node{node_rank}")
         node_env = {"NNODES": "2", "NODE_RANK": str(node_rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         nodes.append(
             subprocess.Popen(
@@ -433,11 +432,48 @@ def test_two_nodes_on_one_machine_train_as_one_job(tmp_path, tiny_model_dir, ide
     outputs = [node.communicate(timeout=150) for node in nodes]
     for node, (out, err) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, out[-2000:] + err[-3000:]
-    assert "--nnodes=2" in outputs[1][0] and "--node_rank=1" in outputs[1][0]
-    assert TWO_PROCESSES in outputs[0][0]  # node 0 holds global rank 0, which prints
+    return [out for out, _ in outputs]
+
+
+def test_two_nodes_on_one_machine_train_as_one_job_and_resume_from_their_own_output_dirs(
+    tmp_path, tiny_model_dir, identity_data
+):
+    """Two nodes without a shared file system: the job matches 1 process; each node keeps what resuming needs in its
+    own output_dir, and a job restarted from each node's step-2 checkpoint ends with the uninterrupted job's weights.
+    """
+    method_args = ("finetuning_type=lora", *SHORT_RUN, "save_steps=2", "lora_dropout=0.1", "lr_scheduler_type=cosine")
+    one = train(tmp_path, tiny_model_dir, identity_data, *method_args, "per_device_train_batch_size=4", output="one")
+
+    outputs = run_two_nodes(tmp_path, tiny_model_dir, identity_data, *method_args, output="straight")
+    assert "--nnodes=2" in outputs[1] and "--node_rank=1" in outputs[1]
+    assert TWO_PROCESSES in outputs[0]  # node 0 holds global rank 0, which prints
     expected = load_file(one / "adapter_model.safetensors")
-    got = load_file(tmp_path / "node0" / "adapter_model.safetensors")
-    worst = max((expected[name] - got[name]).abs().max().item() for name in expected)
+    straight = load_file(tmp_path / "straight-node0" / "adapter_model.safetensors")
+    worst = max((expected[name] - straight[name]).abs().max().item() for name in expected)
     print(f"two nodes: max abs weight difference to 1 process {worst:.2e}")
     assert worst <= 1e-5, worst
-    assert not (tmp_path / "node1" / "adapter_model.safetensors").exists()  # only global rank 0 writes
+    node1 = tmp_path / "straight-node1"
+    assert not (node1 / "adapter_model.safetensors").exists()  # the final model: only global rank 0 writes it
+    assert not (node1 / "metrics.jsonl").exists()  # and the logs
+    for name in ("trainer_state.json", "tunesmith_run.json", "adapter_model.safetensors", "optimizer.pt"):
+        assert (node1 / "checkpoint-2" / name).is_file(), name  # what node 1 needs to resume, on node 1
+    assert (node1 / "checkpoint-2" / "rng_state_1.pth").is_file()
+
+    for node in ("node0", "node1"):  # each node was stopped after step 2, with only its own files
+        resumed = tmp_path / f"resumed-{node}"
+        resumed.mkdir()
+        shutil.copytree(tmp_path / f"straight-{node}" / "checkpoint-2", resumed / "checkpoint-2")
+        shutil.copy(tmp_path / f"straight-{node}" / "tunesmith_run.json", resumed)
+    outputs = run_two_nodes(
+        tmp_path, tiny_model_dir, identity_data, *method_args, "resume_from_checkpoint=true", output="resumed"
+    )
+    assert TWO_PROCESSES in outputs[0]
+    logged = [json.loads(line) for line in (tmp_path / "resumed-node0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [3]  # it went on from step 2, not from the start
+    got = load_file(tmp_path / "resumed-node0" / "adapter_model.safetensors")
+    worst = max((straight[name] - got[name]).abs().max().item() for name in straight)
+    at_step_2 = load_file(tmp_path / "straight-node0" / "checkpoint-2" / "adapter_model.safetensors")
+    moved = max((straight[name] - at_step_2[name]).abs().max().item() for name in straight)
+    print(f"two nodes: resumed vs straight max abs difference {worst:.2e}; step 3 moved weights by {moved:.2e}")
+    assert worst <= 1e-6, worst
+    assert moved > 1e-4

@@ -35,7 +35,14 @@ from tunesmith.data.cache import (
     tokenizer_digest,
 )
 from tunesmith.data.files import Row, read_rows
-from tunesmith.data.formats import Example, RowFormat, detect_format, fill_example_placeholders, row_to_example
+from tunesmith.data.formats import (
+    Example,
+    RowFormat,
+    check_column_map,
+    detect_format,
+    fill_example_placeholders,
+    row_to_example,
+)
 from tunesmith.data.registry import DatasetSpec, resolve_datasets
 from tunesmith.data.selection import Split, mix, select_rows, split_validation, stream_rows
 from tunesmith.data.stages import (
@@ -139,6 +146,7 @@ class DataStep:
     """What every dataset of a run is read and encoded with."""
 
     def __init__(self, data: DataSection, tokenizer, chat_template: str, stage: str, seed: int, root: Path) -> None:
+        check_column_map(data.column_map)
         self.data = data
         self.stage = stage
         self.seed = seed
