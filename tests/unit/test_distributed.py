@@ -143,20 +143,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     method_args = (f"finetuning_type={method}", *SHORT_RUN)
     one = train(tmp_path, tiny_model_dir, identity_data, *method_args, "per_device_train_batch_size=4", output="one")
 
-    started = time.perf_counter()
+    # (how long each engine takes per step is measured in bench/distributed.py, not asserted here)
     args = train_args(tmp_path, tiny_model_dir, identity_data, *method_args, "nproc_per_node=2", *engine, output="two")
     result = run_tunesmith(args)
-    elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert TWO_PROCESSES in result.stdout
     assert "launch: " in result.stdout and "torch.distributed.run" in result.stdout
     assert result.stdout.count("batch: ") == 1  # only rank 0 prints
-    assert elapsed < 90, elapsed
 
     expected, got = load_file(one / weights), load_file(tmp_path / "two" / weights)
     assert expected.keys() == got.keys()
     worst = max((expected[name] - got[name]).abs().max().item() for name in expected)
-    print(f"{method} {engine}: max abs weight difference {worst:.2e}, 2-process run {elapsed:.1f} s")
+    print(f"{method} {engine}: max abs weight difference {worst:.2e}")
     assert worst <= 1e-5, worst
     before = load_file(tiny_model_dir / "model.safetensors") if method == "full" else {}
     # LoRA B starts at zero; the base model's weights start as saved: either way, training moved them
@@ -186,16 +184,15 @@ def peft_adapter(base_dir: Path, adapter_dir: Path) -> dict:
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, tiny_model_dir, identity_data):
-    args = train_args(tmp_path, tiny_model_dir, identity_data, "nproc_per_node=2", "ddp_timeout=60")
-    started = time.perf_counter()
-    result = run_tunesmith(args, timeout=90, **with_hooks(**{FAIL_RANK: "1"}))
-    elapsed = time.perf_counter() - started
+    # Rank 0 waits in a collective with an hour's timeout: the job ends within the 150 s this test allows only if
+    # torchrun stops rank 0 when rank 1 fails (subprocess.run raises TimeoutExpired otherwise).
+    args = train_args(tmp_path, tiny_model_dir, identity_data, "nproc_per_node=2", "ddp_timeout=3600")
+    result = run_tunesmith(args, timeout=150, **with_hooks(**{FAIL_RANK: "1"}))
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "rank 1 failed on purpose" in output
     assert "a training process failed (rank 1, exit status 1)" in result.stderr
     assert "ChildFailedError" not in output and "failed (exitcode" not in output  # the rank's error is enough
-    assert elapsed < 60, elapsed  # torchrun stops rank 0; nobody waits out ddp_timeout
 
 
 def test_overwrite_with_two_processes_clears_the_old_run_once(tmp_path, tiny_model_dir, identity_data):

@@ -89,8 +89,14 @@ def test_qlora_adapter_reloads_on_the_unquantized_base_and_chats(tmp_path, wide_
     assert (after - before).abs().max() > 1e-3  # the adapter trained on 4-bit weights changes the fp32 model
 
     engine = load_chat_engine(adapter=str(output))  # base model from adapter_config, loaded unquantized
-    reply = engine.reply([{"role": "user", "content": "hi"}], GenerationOptions(max_new_tokens=4, do_sample=False))
-    assert isinstance(reply, str)
+    messages = [{"role": "user", "content": "hi"}]
+    reply = engine.reply(messages, GenerationOptions(max_new_tokens=4, do_sample=False))
+    # the reply is the adapted model's greedy continuation: the same 4 tokens, generated here by hand
+    prompt = engine.encode(messages)["input_ids"]
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(wide_tiny_model_dir), output).eval()
+    with torch.no_grad():
+        greedy = adapted.generate(prompt, max_new_tokens=4, do_sample=False, eos_token_id=engine.stop_token_ids())
+    assert reply == engine.tokenizer.decode(greedy[0, prompt.shape[1] :], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize(
