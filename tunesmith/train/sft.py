@@ -125,9 +125,8 @@ def run_sft(config: RunConfig) -> TrainResult:
         f"({100 * trainable / total:.2f}%)"
     )
 
-    trainer = build_trainer(config, model, tokenizer, data, precision, fingerprint, checkpointing)
+    trainer = build_trainer(config, model, tokenizer, data, precision, fingerprint, checkpointing, output_dir_shared)
     print_batch_plan(config, trainer, data.train_rows)
-    trainer.args.save_on_each_node = not output_dir_shared  # checkpoints (with Trainer's state) on every node
     if writes_run_files:
         if resume_from is None:
             (output_dir / callbacks.METRICS_FILE).unlink(missing_ok=True)
@@ -269,7 +268,16 @@ def optimizer_arguments(config: RunConfig, model) -> dict:
     }
 
 
-def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerprint, checkpointing: bool | str):
+def build_trainer(
+    config: RunConfig,
+    model,
+    tokenizer,
+    data,
+    precision,
+    fingerprint,
+    checkpointing: bool | str,
+    output_dir_shared: bool = True,
+):
     from transformers import PrinterCallback, TrainingArguments
 
     train = config.train
@@ -306,6 +314,8 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
         save_only_model=train.save_only_model,
+        # nodes without a shared file system each keep whole checkpoints (DeepSpeed's: use_node_local_storage)
+        save_on_each_node=not output_dir_shared,
         report_to=[] if train.report_to == ["none"] else train.report_to,
         dataloader_num_workers=train.dataloader_num_workers,
         ddp_timeout=train.ddp_timeout,
