@@ -82,6 +82,15 @@ def write_fingerprint(directory: Path, fingerprint: dict[str, Any], written: Ite
     (directory / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def record_finished_run(output_dir: Path, fingerprint: dict[str, Any], names_before: set[str]) -> None:
+    """At the end of a run: what it added to output_dir joins the record, and names recorded ahead that were never
+    written (or were removed since) leave it."""
+    names_now = directory_names(output_dir)
+    written = (set(read_written(output_dir)) | (names_now - names_before)) & names_now
+    record = {**fingerprint, WRITTEN: sorted(written | {RUN_FILE})}
+    (output_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def directory_names(directory: Path) -> set[str]:
     """The names directly in `directory` (none when it does not exist): compared before and after a run."""
     return {path.name for path in directory.iterdir()} if directory.is_dir() else set()

@@ -41,7 +41,13 @@ from tunesmith.model.resolve import resolve_model
 from tunesmith.patches import apply_fsdp_on_cpu_processes
 from tunesmith.train import callbacks
 from tunesmith.train.allocator import return_freed_memory_to_os
-from tunesmith.train.checkpoints import directory_names, prepare_output_dir, run_fingerprint, write_fingerprint
+from tunesmith.train.checkpoints import (
+    directory_names,
+    prepare_output_dir,
+    record_finished_run,
+    run_fingerprint,
+    write_fingerprint,
+)
 from tunesmith.train.trainer import TunesmithTrainer
 
 PISSA_INIT_DIR = "pissa_init"  # the adapter as initialised, which the final PiSSA adapter is converted against
@@ -142,7 +148,7 @@ def run_sft(config: RunConfig) -> TrainResult:
     result = trainer.train(resume_from_checkpoint=resume_from)
     if interrupt.interrupted:
         if writes_run_files:
-            write_fingerprint(output_dir, fingerprint, directory_names(output_dir) - names_before)
+            record_finished_run(output_dir, fingerprint, names_before)
         print(
             f"Stopped at step {trainer.state.global_step}; checkpoint saved in {output_dir}. "
             "Continue with resume_from_checkpoint=true."
@@ -156,7 +162,7 @@ def run_sft(config: RunConfig) -> TrainResult:
         if plot:
             print(f"loss plot: {plot}")
     if writes_run_files:  # what overwrite_output_dir removes, and nothing else
-        write_fingerprint(output_dir, fingerprint, directory_names(output_dir) - names_before)
+        record_finished_run(output_dir, fingerprint, names_before)
     print(f"Done: {trainer.state.global_step} steps, train loss {result.training_loss:.4f}. Output: {output_dir}")
     return TrainResult(output_dir, trainer.state.global_step, result.training_loss, interrupted=False)
 
