@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# LLaMA-Factory's demo data sets, cut down (see its README); tests never read the project's shared data.
+DEMO_DATA = REPO / "tests" / "fixtures" / "demo_data"
+TEST_FIXTURES = REPO / "tests" / "fixtures"
 
 
 def build_tiny_model(target: Path, seed: int = 0) -> Path:

@@ -141,16 +141,21 @@ def test_temperature_zero_is_greedy(engine):
     assert engine.reply(HELLO, sampled_flag_but_zero_temperature) == engine.reply(HELLO, GREEDY)
 
 
-def test_sampling_options_reach_generate():
-    kwargs = GenerationSection(temperature=0.5, top_p=0.8, top_k=20, repetition_penalty=1.1).generate_kwargs()
-    assert kwargs == {
-        "max_new_tokens": 512,
-        "repetition_penalty": 1.1,
-        "do_sample": True,
-        "temperature": 0.5,
-        "top_p": 0.8,
-        "top_k": 20,
-    }
+def test_sampling_options_reach_generate(engine):
+    """Sampling really samples (a seeded reply repeats, and differs from the greedy one), and top_k and top_p reach
+    `generate`: keeping only the most likely token makes a sampled reply the greedy one."""
+    import torch
+
+    def sampled_reply(**options) -> str:
+        torch.manual_seed(0)
+        return engine.reply(HELLO, GenerationSection(max_new_tokens=24, repetition_penalty=2.0, **options))
+
+    greedy = engine.reply(HELLO, GREEDY)
+    free = sampled_reply(temperature=1.0, top_p=1.0, top_k=0)
+    assert free == sampled_reply(temperature=1.0, top_p=1.0, top_k=0)
+    assert free != greedy
+    assert sampled_reply(temperature=1.0, top_p=1.0, top_k=1) == greedy
+    assert sampled_reply(temperature=1.0, top_p=1e-6, top_k=0) == greedy
 
 
 def test_closing_the_stream_stops_generation(engine):
@@ -253,7 +258,6 @@ def test_adapter_gives_the_logits_and_reply_of_the_in_memory_peft_model(lora, ti
     assert not torch.allclose(expected, base, atol=1e-3), "the adapter changes nothing; the test would prove nothing"
     torch.testing.assert_close(logits, expected)
     assert with_adapter.reply(HELLO, GREEDY) == greedy_decode(peft_model, with_adapter, HELLO)
-    assert with_adapter.adapters == [str(adapter_dir)]
 
 
 def test_base_model_comes_from_tunesmith_config_then_adapter_config(lora, tiny_model_dir, tmp_path):

@@ -97,9 +97,9 @@ def test_check_collects_every_bad_row_and_reports_lengths(tmp_path, tiny_model_d
 
 
 def test_check_a_whole_registry_reads_each_entry_for_its_stage(tiny_model_dir, capsys):
-    from tests.conftest import SHARED_DATA
+    from tests.conftest import DEMO_DATA
 
-    registry = SHARED_DATA / "llamafactory"
+    registry = DEMO_DATA
     code = data_cli(tiny_model_dir, "check", f"dataset_dir={registry}", "max_samples=5", "name=T", "author=A")
     out = capsys.readouterr().out
     assert code == 1, out  # mllm_demo's rows have images, which this text-only model refuses

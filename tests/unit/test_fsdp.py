@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,6 @@ def data_dir(tmp_path_factory) -> Path:
 
 def run_two(tmp_path: Path, model: Path, data: Path, *overrides: str, output: str) -> str:
     """`tunesmith train` on 2 processes x 2 rows; returns stdout after checking it really sharded over 2 processes."""
-    started = time.perf_counter()
     result = run_tunesmith(
         train_args(
             tmp_path,
@@ -53,14 +51,12 @@ def run_two(tmp_path: Path, model: Path, data: Path, *overrides: str, output: st
         ),
         timeout=150,
     )
-    elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert TWO_PROCESSES in result.stdout
     match = SHARDED.search(result.stdout)
     assert match, result.stdout[-3000:]
     held, whole = (int(group.replace(",", "")) for group in match.groups())
     assert abs(held - whole / 2) <= 0.01 * whole  # half each: every parameter is split along its first dim
-    print(f"2-process run {' '.join(overrides)}: {elapsed:.1f} s")
     return result.stdout
 
 

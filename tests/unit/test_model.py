@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunesmith.errors import ModelError, TunesmithError
+from tunesmith.errors import ConfigError, ModelError, TunesmithError
 from tunesmith.model import resolve
 from tunesmith.model.adapters import check_adapter_weights, linear_layer_names, resolve_lora_targets
 
@@ -44,9 +44,11 @@ def test_lora_targets(tiny_model_dir: Path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert "lm_head" not in linear_layer_names(model)
-    assert resolve_lora_targets(model, ["all"]) == linear_layer_names(model)
-    assert resolve_lora_targets(model, ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
+    llama_linears = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]  # no lm_head
+    assert linear_layer_names(model) == llama_linears
+    assert resolve_lora_targets(model, ["all"]) == llama_linears
+    with pytest.raises(ConfigError, match=r"`lora_target`: lm_head, qkv matches no linear layer .* down_proj, gate_"):
+        resolve_lora_targets(model, ["q_proj", "lm_head", "qkv"])  # the output head is not a LoRA target
 
 
 def test_empty_or_untrained_adapter_is_an_error():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import SHARED_DATA, write_rows
+from tests.conftest import DEMO_DATA, write_rows
 from tunesmith.config import load_config
 from tunesmith.data.dataset import RowReader, load_data
 from tunesmith.data.encode import IGNORE_INDEX
@@ -16,7 +16,7 @@ from tunesmith.data.registry import resolve_datasets
 from tunesmith.data.selection import Split, parse_split
 from tunesmith.errors import DataError
 
-LLAMAFACTORY = SHARED_DATA / "llamafactory"
+LLAMAFACTORY = DEMO_DATA
 REGISTRY = json.loads((LLAMAFACTORY / "dataset_info.json").read_text(encoding="utf-8"))
 
 

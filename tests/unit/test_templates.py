@@ -11,7 +11,7 @@ from jinja2 import TemplateError
 from jinja2.exceptions import SecurityError
 from transformers import AutoTokenizer
 
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import DEMO_DATA, REPO
 from tunesmith.config.sections import DataSection
 from tunesmith.data.encode import IGNORE_INDEX, encode_conversation
 from tunesmith.data.formats import (
@@ -207,19 +207,19 @@ SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained b
 
 
 def demo_conversations() -> list[list[dict]]:
-    """Every row of identity.json, alpaca_en_demo.json and glaive_toolcall_en_demo.json, as our loaders read them.
+    """Every row of identity.json, the bundled alpaca_en_demo.json and the first 20 rows of
+    glaive_toolcall_en_demo.json (tests/fixtures/demo_data), as our loaders read them.
 
     Glaive's rows are multi-turn with tool calls and tool results: a `function_call` turn is an assistant message
     whose content is the call's JSON, an `observation` a `tool` message. That is the only way SmolLM2's template can
     show a tool call (it writes each message's role and content, and ignores `tool_calls` and `tools`).
     """
-    folder = SHARED_DATA / "llamafactory"
     conversations = []
-    for name in ("identity.json", "alpaca_en_demo.json"):
-        for row in read_rows(folder / name):
+    for path in (DEMO_DATA / "identity.json", REPO / "data" / "alpaca_en_demo.json"):
+        for row in read_rows(path):
             messages = alpaca_to_messages(row, AlpacaColumns())
             conversations.append(fill_placeholders(messages, {"name": "Tuna", "author": "Smith"}, row.where()))
-    for row in read_rows(folder / "glaive_toolcall_en_demo.json"):
+    for row in read_rows(DEMO_DATA / "glaive_toolcall_en_demo.json"):
         conversations.append(sharegpt_to_messages(row, "conversations", ShareGPTTags(), None))
     return conversations
 
@@ -228,9 +228,9 @@ def test_chatml_gives_smollm2s_own_token_ids_on_the_demo_data(smollm2):
     """SmolLM2's template writes a default system prompt when there is none; `chatml` has no default system prompt
     (LLaMA-Factory's), so it gets SmolLM2's written in. With a system message of their own both render it."""
     conversations = demo_conversations()
-    assert len(conversations) == 91 + 999 + 300
-    assert sum(message["role"] == "tool" for messages in conversations for message in messages) == 211
-    assert sum(len(messages) > 2 for messages in conversations) == 261  # glaive's multi-turn rows
+    assert len(conversations) == 91 + 999 + 20
+    assert sum(message["role"] == "tool" for messages in conversations for message in messages) == 12
+    assert sum(len(messages) > 2 for messages in conversations) == 20  # glaive's multi-turn rows
     chatml = resolve_chat_format("chatml", smollm2).jinja
 
     with_default = [[{"role": "system", "content": SMOLLM2_DEFAULT_SYSTEM}, *messages] for messages in conversations]

@@ -256,19 +256,28 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, identi
     assert (output / "adapter_model.safetensors").is_file()
 
 
-def test_streaming_trains_without_reading_ahead(tmp_path, tiny_model_dir, identity_data):
+def test_streaming_trains_without_reading_ahead(tmp_path, tiny_model_dir, identity_data, capsys):
+    """Line 301 of the file is not JSON: a run that reads the whole file first fails on it; a streaming run that
+    holds out 4 rows, shuffles in a buffer of 8 and trains 3 steps of 2 rows (encoding 64 rows at a time) never gets
+    there."""
     from tests.conftest import write_rows
 
     rows = [
         {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-        for i in range(40)
+        for i in range(300)
     ]
     path = write_rows(tmp_path / "chat.jsonl", rows)
-    output = train(
-        tmp_path, tiny_model_dir, identity_data, f"dataset={path}", "streaming=true", "max_steps=3", "val_size=4"
-    )
+    with path.open("a") as file:
+        file.write("this line is not JSON\n")
+    settings = (f"dataset={path}", "max_samples=null", "max_steps=3", "val_size=4", "buffer_size=8")
+    output = train(tmp_path, tiny_model_dir, identity_data, *settings, "streaming=true")
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+    capsys.readouterr()
+    whole_file = train_args(tmp_path, tiny_model_dir, identity_data, *settings, "streaming=false", output="whole")
+    assert main(whole_file) == 2
+    assert "chat.jsonl line 301" in capsys.readouterr().err
 
 
 def test_streaming_without_max_steps_is_refused_before_loading(capsys, tmp_path):
@@ -280,3 +289,26 @@ def test_resume_true_with_no_checkpoint_says_so(tmp_path, tiny_model_dir, identi
     (tmp_path / "out").mkdir()
     assert main(train_args(tmp_path, tiny_model_dir, identity_data, "resume_from_checkpoint=true")) == 2
     assert "holds no checkpoint-* folder to resume from" in capsys.readouterr().err
+
+
+def test_overwrite_removes_what_the_earlier_run_wrote_and_nothing_else(tmp_path, tiny_model_dir, identity_data):
+    """A LoRA run, then a full run over it: the stale adapter must go (chat --adapter would load it), the person's
+    own files stay, and the record lists exactly what the run wrote."""
+    from tunesmith.train.checkpoints import RUN_FILE, read_written
+
+    output = tmp_path / "out"
+    (output / "notes").mkdir(parents=True)
+    (output / "notes" / "plan.txt").write_text("mine")
+    (output / "README.txt").write_text("mine too")
+    train(tmp_path, tiny_model_dir, identity_data, "max_steps=2", "save_steps=1")
+    assert (output / "adapter_model.safetensors").is_file() and (output / "checkpoint-2").is_dir()
+    everything = {path.name for path in output.iterdir()}
+    assert set(read_written(output)) | {"checkpoint-1", "checkpoint-2"} == everything - {"notes", "README.txt"}
+    (output / "added-later.txt").write_text("written between the runs")
+
+    train(tmp_path, tiny_model_dir, identity_data, "finetuning_type=full", "max_steps=1", "overwrite_output_dir=true")
+    names = {path.name for path in output.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "checkpoint-2"}.isdisjoint(names)
+    assert {"notes", "README.txt", "added-later.txt", "model.safetensors", RUN_FILE, "checkpoint-1"} <= names
+    assert (output / "notes" / "plan.txt").read_text() == "mine"
+    assert set(read_written(output)) | {"checkpoint-1"} == names - {"notes", "README.txt", "added-later.txt"}

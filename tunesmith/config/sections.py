@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tunesmith.config import fsdp_keys
+from tunesmith.config.deepspeed_config import resolve_deepspeed_config
 from tunesmith.errors import NotSupportedYet
 
 
@@ -196,18 +198,6 @@ class DataSection(Section):
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
                 raise ValueError("write it as a mapping, e.g. {instruction: prompt, output: answer}") from None
-        return value
-
-    @field_validator("column_map")
-    @classmethod
-    def _known_columns(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        from tunesmith.data.formats import COLUMN_NAMES
-
-        unknown = sorted(set(value or {}) - set(COLUMN_NAMES))
-        if unknown:
-            raise ValueError(
-                f"unknown column {', '.join(unknown)}; the keys are our column names: {', '.join(COLUMN_NAMES)}"
-            )
         return value
 
     @model_validator(mode="after")
@@ -440,7 +430,7 @@ class TrainSection(Section):
     deepspeed: str | None = Field(
         None,
         description="DeepSpeed JSON config: a path, or a shipped one: ds_z0, ds_z1, ds_z2, ds_z2_offload, ds_z3, "
-        "ds_z3_offload (tunesmith/distributed/configs). Use with nproc_per_node.",
+        "ds_z3_offload (tunesmith/config/deepspeed). Use with nproc_per_node.",
     )
     fsdp: Literal["full_shard", "shard_grad_op", "no_shard"] | None = Field(
         None,
@@ -515,8 +505,6 @@ class TrainSection(Section):
     def _deepspeed_config(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        from tunesmith.distributed.deepspeed import resolve_deepspeed_config
-
         return resolve_deepspeed_config(value)
 
     @model_validator(mode="after")
@@ -532,20 +520,18 @@ class TrainSection(Section):
         typed `fsdp`, `fsdp_offload` and a checked `fsdp_config`."""
         if not isinstance(values, dict) or ("fsdp" not in values and "fsdp_config" not in values):
             return values
-        from tunesmith.distributed import fsdp
-
         values = dict(values)
-        on, strategy, offload = fsdp.parse_fsdp(values.get("fsdp"))
-        config = fsdp.read_fsdp_config(values["fsdp_config"]) if values.get("fsdp_config") is not None else None
+        on, strategy, offload = fsdp_keys.parse_fsdp(values.get("fsdp"))
+        config = fsdp_keys.read_fsdp_config(values["fsdp_config"]) if values.get("fsdp_config") is not None else None
         if not on:
             if config:
                 raise ValueError("`fsdp_config` is set but `fsdp` is not; set fsdp: full_shard (or shard_grad_op)")
             return {**values, "fsdp": None}
-        strategy, offload, config = fsdp.fold_strategy_keys(strategy, offload, config or {})
+        strategy, offload, config = fsdp_keys.fold_strategy_keys(strategy, offload, config or {})
         values.update(
             fsdp=strategy,
             fsdp_offload=bool(values.get("fsdp_offload")) or offload,
-            fsdp_config=fsdp.check_fsdp_config(config) or None,
+            fsdp_config=fsdp_keys.check_fsdp_config(config) or None,
         )
         return values
 

@@ -35,7 +35,14 @@ from tunesmith.data.cache import (
     tokenizer_digest,
 )
 from tunesmith.data.files import Row, read_rows
-from tunesmith.data.formats import Example, RowFormat, detect_format, fill_example_placeholders, row_to_example
+from tunesmith.data.formats import (
+    Example,
+    RowFormat,
+    check_column_map,
+    detect_format,
+    fill_example_placeholders,
+    row_to_example,
+)
 from tunesmith.data.multimodal import ModelMedia
 from tunesmith.data.registry import DatasetSpec, resolve_datasets
 from tunesmith.data.selection import Split, mix, select_rows, split_validation, stream_rows
@@ -151,6 +158,7 @@ class DataStep:
         root: Path,
         media: ModelMedia | None = None,
     ) -> None:
+        check_column_map(data.column_map)
         self.data = data
         self.stage = stage
         self.seed = seed

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tunesmith.data.files import Row, read_rows
-from tunesmith.errors import DataError
+from tunesmith.errors import ConfigError, DataError
 
 __all__ = ["Row", "read_rows"]  # the readers live in files.py; re-exported for callers that read and convert
 
@@ -65,6 +65,14 @@ AlpacaColumns = Columns  # the name the alpaca converter's callers know
 
 # The names a file's columns are expected to have: the keys `column_map` may rename to.
 COLUMN_NAMES = ("messages", *(value for value in asdict(Columns()).values()))
+
+
+def check_column_map(column_map: dict[str, str] | None) -> None:
+    """`column_map`'s keys are our column names (the config only types it: the names are the data step's)."""
+    unknown = sorted(set(column_map or {}) - set(COLUMN_NAMES))
+    if unknown:
+        names = ", ".join(COLUMN_NAMES)
+        raise ConfigError(f"`column_map`: unknown column {', '.join(unknown)}; the keys are our column names: {names}")
 
 
 @dataclass(frozen=True)

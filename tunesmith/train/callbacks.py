@@ -148,7 +148,7 @@ class FingerprintCheckpoints(TrainerCallback):
         self.fingerprint = fingerprint
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if args.should_save:  # the processes that wrote the checkpoint: rank 0, or each node's local rank 0
             write_fingerprint(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.fingerprint)
 
 

@@ -3,6 +3,10 @@
 Every run writes `tunesmith_run.json` (what decides the shape of the trained weights) into its output directory and
 each checkpoint. A run that finds checkpoints of a different model, method or shape refuses with a message saying
 what differs, instead of failing later with a tensor-size error.
+
+The output directory's copy also lists the files and folders the run wrote there (`files_written`), so that
+`overwrite_output_dir` removes exactly those, the checkpoints and the record itself: a stale final adapter never
+survives into the next run, and a person's own files in the directory stay.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,7 @@ from tunesmith.config.sections import RunConfig
 from tunesmith.errors import OutputDirError
 
 RUN_FILE = "tunesmith_run.json"
+WRITTEN = "files_written"  # in the output directory's RUN_FILE: the names this tool wrote there
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -56,13 +62,61 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def read_fingerprint(directory: Path) -> dict[str, Any] | None:
+    record = _read_record(directory)
+    return None if record is None else {key: value for key, value in record.items() if key != WRITTEN}
+
+
+def read_written(directory: Path) -> list[str]:
+    """The names (files and folders directly in `directory`) that runs of this tool recorded writing there."""
+    record = _read_record(directory) or {}
+    return list(record.get(WRITTEN, []))
+
+
+def _read_record(directory: Path) -> dict[str, Any] | None:
     path = directory / RUN_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_fingerprint(directory: Path, fingerprint: dict[str, Any]) -> None:
+def write_fingerprint(directory: Path, fingerprint: dict[str, Any], written: Iterable[str] = ()) -> None:
+    """Write the fingerprint; with `written`, add those names to the ones already recorded as this tool's."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / RUN_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
+    record = dict(fingerprint)
+    names = set(written)
+    if names:
+        record[WRITTEN] = sorted(names | set(read_written(directory)) | {RUN_FILE})
+    (directory / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def record_finished_run(output_dir: Path, fingerprint: dict[str, Any], names_before: set[str]) -> None:
+    """At the end of a run: what it added to output_dir joins the record, and names recorded ahead that were never
+    written (or were removed since) leave it."""
+    names_now = directory_names(output_dir)
+    written = (set(read_written(output_dir)) | (names_now - names_before)) & names_now
+    record = {**fingerprint, WRITTEN: sorted(written | {RUN_FILE})}
+    (output_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def directory_names(directory: Path) -> set[str]:
+    """The names directly in `directory` (none when it does not exist): compared before and after a run."""
+    return {path.name for path in directory.iterdir()} if directory.is_dir() else set()
+
+
+def remove_earlier_run(output_dir: Path, checkpoints: list[Path]) -> None:
+    """`overwrite_output_dir`: delete the checkpoints and every name an earlier run recorded writing; keep the rest."""
+    recorded = [name for name in read_written(output_dir) if name == Path(name).name and name not in ("", ".", "..")]
+    others = [output_dir / name for name in recorded if name not in {path.name for path in checkpoints}]
+    if (output_dir / RUN_FILE).is_file() and RUN_FILE not in recorded:
+        others.append(output_dir / RUN_FILE)  # written by a run that stopped before recording its files
+    for path in [*checkpoints, *others]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    removed = sum(path.name != RUN_FILE for path in others)
+    print(
+        f"overwrite_output_dir: removed {len(checkpoints)} old checkpoint(s) and {removed} other file(s) of the "
+        f"earlier run from {output_dir}"
+    )
 
 
 def describe_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
@@ -71,9 +125,13 @@ def describe_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
 
 
 def prepare_output_dir(
-    output_dir: Path, fingerprint: dict[str, Any], resume: str | bool | None, overwrite: bool
+    output_dir: Path, fingerprint: dict[str, Any], resume: str | bool | None, overwrite: bool, remove: bool = True
 ) -> str | None:
-    """Check the output directory against this run; return the checkpoint to resume from, if any."""
+    """Check the output directory against this run; return the checkpoint to resume from, if any.
+
+    With `overwrite` the earlier run's files are deleted, by the one process that writes this directory
+    (`remove`); the others only learn that there is nothing to resume.
+    """
     checkpoints = list_checkpoints(output_dir)
     if resume:
         if resume is True and not checkpoints:
@@ -97,9 +155,8 @@ def prepare_output_dir(
     if not checkpoints and saved is None:
         return None
     if overwrite:
-        for checkpoint in checkpoints:
-            shutil.rmtree(checkpoint)
-        print(f"overwrite_output_dir: removed {len(checkpoints)} old checkpoint(s) from {output_dir}")
+        if remove:
+            remove_earlier_run(output_dir, checkpoints)
         return None
     if saved is None:
         raise OutputDirError(

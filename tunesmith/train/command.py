@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         return launch.run_torchrun(plan.torchrun_command(train_args))
     in_torchrun = launch.launched_by_torchrun() and not args.print_config
     if in_torchrun:
-        process_group.join(config)  # before any output: ranks other than 0 keep quiet from here
+        process_group.join(config.train.ddp_timeout)  # before any output: ranks other than 0 keep quiet from here
     print_config(config)
     if args.print_config:
         return 0

@@ -19,7 +19,7 @@ from tunesmith.data.collate import PackedBatches, PadToLongest
 from tunesmith.data.dataset import load_sft_data
 from tunesmith.data.packing import pack_dataset
 from tunesmith.data.templates import use_chat_format
-from tunesmith.distributed import deepspeed, fsdp
+from tunesmith.distributed import deepspeed, fsdp, process_group
 from tunesmith.errors import ConfigError
 from tunesmith.model.adapters import (
     LORA_SHAPE_KEYS,
@@ -47,7 +47,13 @@ from tunesmith.model.resolve import resolve_model
 from tunesmith.patches import apply_fsdp_on_cpu_processes
 from tunesmith.train import callbacks
 from tunesmith.train.allocator import return_freed_memory_to_os
-from tunesmith.train.checkpoints import prepare_output_dir, run_fingerprint, write_fingerprint
+from tunesmith.train.checkpoints import (
+    directory_names,
+    prepare_output_dir,
+    record_finished_run,
+    run_fingerprint,
+    write_fingerprint,
+)
 from tunesmith.train.trainer import TunesmithTrainer
 
 PISSA_INIT_DIR = "pissa_init"  # the adapter as initialised, which the final PiSSA adapter is converted against
@@ -68,13 +74,20 @@ def run_sft(config: RunConfig) -> TrainResult:
         return_freed_memory_to_os()  # resident memory then follows the live tensors (train/allocator.py)
     output_dir = Path(config.output.output_dir)
     fingerprint = run_fingerprint(config)
+    # Nodes without a shared file system each keep what resuming needs in their own output_dir.
+    output_dir_shared = process_group.output_dir_is_shared(output_dir)
+    writes_run_files = process_group.writes_run_files(output_dir_shared)
     resume_from = prepare_output_dir(
-        output_dir, fingerprint, config.train.resume_from_checkpoint, config.output.overwrite_output_dir
+        output_dir,
+        fingerprint,
+        config.train.resume_from_checkpoint,
+        config.output.overwrite_output_dir,
+        remove=writes_run_files,
     )
-    if torch.distributed.is_initialized():
-        # Every rank checks the directory before rank 0 writes this run's files into it; a slower rank would
-        # otherwise find them and refuse the directory as one that "already holds this run".
-        torch.distributed.barrier()
+    # Every rank checks the directory before this run's files are written into it; a slower rank would otherwise
+    # find them and refuse the directory as one that "already holds this run".
+    process_group.barrier()
+    names_before = directory_names(output_dir)
     set_seed(config.train.seed)
     precision = choose_precision(config.train.bf16, config.train.fp16)
     if precision.note:
@@ -144,27 +157,33 @@ def run_sft(config: RunConfig) -> TrainResult:
         f"({100 * trainable / total:.2f}%)"
     )
 
-    trainer = build_trainer(config, model, tokenizer, data, precision, fingerprint, checkpointing)
+    trainer = build_trainer(config, model, tokenizer, data, precision, fingerprint, checkpointing, output_dir_shared)
     if media.takes_images:
         trainer.data_collator = multimodal.MediaBatches(trainer.data_collator, media)  # pixel values join the batch
     print_batch_plan(config, trainer, data.train_rows)
-    if resume_from is None:
-        (output_dir / callbacks.METRICS_FILE).unlink(missing_ok=True)
-    write_fingerprint(output_dir, fingerprint)
+    if writes_run_files:
+        if resume_from is None:
+            (output_dir / callbacks.METRICS_FILE).unlink(missing_ok=True)
+        # Recorded before they exist, so that overwrite_output_dir finds them even after a crash.
+        written = [SAVED_CONFIG_FILE, callbacks.METRICS_FILE, callbacks.LOSS_PLOT, PISSA_INIT_DIR]
+        write_fingerprint(output_dir, fingerprint, written)
+        (output_dir / SAVED_CONFIG_FILE).write_text(yaml.safe_dump(config_to_flat_dict(config), sort_keys=False))
     if config.method.pissa_init and resume_from is None and trainer.is_world_process_zero():
         # The adapter as initialised: the final one is saved relative to it, so it applies to the original base.
         model.save_pretrained(output_dir / PISSA_INIT_DIR)
-    (output_dir / SAVED_CONFIG_FILE).write_text(yaml.safe_dump(config_to_flat_dict(config), sort_keys=False))
 
     interrupt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.SaveOnInterrupt))
     result = trainer.train(resume_from_checkpoint=resume_from)
     if interrupt.interrupted:
+        if writes_run_files:
+            record_finished_run(output_dir, fingerprint, names_before)
         print(
             f"Stopped at step {trainer.state.global_step}; checkpoint saved in {output_dir}. "
             "Continue with resume_from_checkpoint=true."
         )
         return TrainResult(output_dir, trainer.state.global_step, None, interrupted=True)
 
+    trainer.args.save_on_each_node = False  # the final model and the logs come from global rank 0 alone
     save_outputs(trainer, tokenizer, config, output_dir)
     if processor is not None and trainer.is_world_process_zero():
         processor.tokenizer = tokenizer  # saved with the run's chat template, beside the processor's own files
@@ -173,6 +192,8 @@ def run_sft(config: RunConfig) -> TrainResult:
         plot = callbacks.plot_loss(output_dir)
         if plot:
             print(f"loss plot: {plot}")
+    if writes_run_files:  # what overwrite_output_dir removes, and nothing else
+        record_finished_run(output_dir, fingerprint, names_before)
     print(f"Done: {trainer.state.global_step} steps, train loss {result.training_loss:.4f}. Output: {output_dir}")
     return TrainResult(output_dir, trainer.state.global_step, result.training_loss, interrupted=False)
 
@@ -301,7 +322,16 @@ def optimizer_arguments(config: RunConfig, model) -> dict:
     }
 
 
-def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerprint, checkpointing: bool | str):
+def build_trainer(
+    config: RunConfig,
+    model,
+    tokenizer,
+    data,
+    precision,
+    fingerprint,
+    checkpointing: bool | str,
+    output_dir_shared: bool = True,
+):
     from transformers import PrinterCallback, TrainingArguments
 
     train = config.train
@@ -338,6 +368,8 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
         save_only_model=train.save_only_model,
+        # nodes without a shared file system each keep whole checkpoints (DeepSpeed's: use_node_local_storage)
+        save_on_each_node=not output_dir_shared,
         report_to=[] if train.report_to == ["none"] else train.report_to,
         dataloader_num_workers=train.dataloader_num_workers,
         ddp_timeout=train.ddp_timeout,
