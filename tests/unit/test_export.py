@@ -218,3 +218,36 @@ def test_export_size_units(value, size):
 def test_bad_keys_refused_before_loading(override, message):
     with pytest.raises(ConfigError, match=message):
         load_export_config(None, ["model_name_or_path=missing-model-dir", "export_dir=x", override])
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_gguf_round_trip_through_transformers(tiny_model_dir, tmp_path, gguf_type):
+    """transformers reads our GGUF back (un-permuting Q/K) and generates the same greedy tokens as the merged model."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    make_adapter(tiny_model_dir, tmp_path / "adapter")
+    result = run_export(
+        f"adapter_name_or_path={tmp_path / 'adapter'}",
+        f"model_name_or_path={tiny_model_dir}",
+        f"export_dir={tmp_path / 'merged'}",
+        f"export_gguf={gguf_type}",
+        "infer_dtype=float32",
+    )
+    gguf_file = tmp_path / "merged" / f"merged-{gguf_type}.gguf"
+    assert result.extra_files[0] == gguf_file.name
+    reader = gguf.GGUFReader(gguf_file)
+    fields = {
+        name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.t")
+    }
+    assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.pre"] == "smollm"
+    assert fields["llama.attention.head_count_kv"] == 2 and "<|im_start|>" in fields["tokenizer.chat_template"]
+    assert "output.weight" not in {tensor.name for tensor in reader.tensors}  # tied: token_embd is reused
+    merged = load_exported(tmp_path / "merged")
+    from_gguf = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged", gguf_file=gguf_file.name, dtype=torch.float32
+    ).eval()
+    tolerance = {"f16": 2e-2, "q8_0": 0.15}[gguf_type]
+    torch.testing.assert_close(logits(from_gguf), logits(merged), atol=tolerance, rtol=0)
+    greedy = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 2}
+    assert torch.equal(from_gguf.generate(PROMPT_IDS, **greedy), merged.generate(PROMPT_IDS, **greedy))

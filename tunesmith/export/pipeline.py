@@ -15,6 +15,7 @@ from tunesmith.config.export import ExportConfig
 from tunesmith.errors import ModelError, OutputDirError
 from tunesmith.export import hf_files
 from tunesmith.export.adapter import read_adapter
+from tunesmith.export.gguf_export import check_gguf_export, write_gguf_files
 from tunesmith.export.merge import MergePlan, plan_merge, write_weights
 from tunesmith.export.safetensors_io import read_tensor_infos, weight_files
 from tunesmith.export.sources import ExportSources, resolve_sources
@@ -158,10 +159,13 @@ def choose_device(export_device: str) -> torch.device:
 
 
 def prepare_extras(config: ExportConfig, model_config: dict):
-    """Checks for the GGUF files and Modelfile, done before any work; returns what writes them."""
+    """Checks for the GGUF files, done before any work; returns what writes them and the Modelfile."""
+    check_gguf_export(config.export_gguf, model_config)
 
     def write_extras(out_dir: Path, tokenizer, export_dir: Path) -> list[str]:
-        return []
+        written_model_config = hf_files.read_model_config(out_dir)
+        ggufs = write_gguf_files(out_dir, written_model_config, tokenizer, config.export_gguf, export_dir.name, out_dir)
+        return [path.name for path in ggufs]
 
     return write_extras
 
