@@ -248,6 +248,10 @@ def test_gguf_round_trip_through_transformers(tiny_model_dir, tmp_path, gguf_typ
         tmp_path / "merged", gguf_file=gguf_file.name, dtype=torch.float32
     ).eval()
     tolerance = {"f16": 2e-2, "q8_0": 0.15}[gguf_type]
+    # Weights, not only logits: a tiny random model's logits barely feel a wrong Q/K row order.
+    weights = {name: tensor for name, tensor in from_gguf.state_dict().items()}
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(weights[name], tensor, atol=tolerance / 10, rtol=0, msg=name)
     torch.testing.assert_close(logits(from_gguf), logits(merged), atol=tolerance, rtol=0)
     greedy = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 2}
     assert torch.equal(from_gguf.generate(PROMPT_IDS, **greedy), merged.generate(PROMPT_IDS, **greedy))
