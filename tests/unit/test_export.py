@@ -255,3 +255,52 @@ def test_gguf_round_trip_through_transformers(tiny_model_dir, tmp_path, gguf_typ
     torch.testing.assert_close(logits(from_gguf), logits(merged), atol=tolerance, rtol=0)
     greedy = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 2}
     assert torch.equal(from_gguf.generate(PROMPT_IDS, **greedy), merged.generate(PROMPT_IDS, **greedy))
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    [
+        {"role": "system", "content": "You are Tunesmith."},
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "I am Tunesmith."},
+        {"role": "user", "content": "And {{ this }}?"},
+    ],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+]
+
+
+def ollama_render(template: str, default_system: str | None, messages: list[dict[str, str]]) -> str:
+    """What Ollama renders: .System is the conversation's system message, else the Modelfile's SYSTEM."""
+    from tests.go_template import render
+
+    system = next((m["content"] for m in messages if m["role"] == "system"), default_system or "")
+    turns = [{"Role": m["role"], "Content": m["content"]} for m in messages]
+    return render(template, {"System": system, "Messages": turns})
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "qwen", "mistral", "gemma", "tokenizer"])
+def test_ollama_template_renders_like_the_chat_template(tiny_model_dir, template):
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.templates import find_template
+    from tunesmith.export.modelfile import chat_renderer, go_template, read_turn_format
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # SmolLM2's: a default system prompt
+    if template != "tokenizer":
+        tokenizer.chat_template = find_template(template).jinja
+    turns = read_turn_format(chat_renderer(tokenizer))
+    go = go_template(turns)
+    assert (turns.default_system is not None) == (template in ("tokenizer", "qwen"))
+    for messages in CONVERSATIONS:
+        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ollama_render(go, turns.default_system, messages) == expected, (template, messages)
+
+
+def test_modelfile_is_written(tiny_model_dir, tmp_path):
+    run_export(f"model_name_or_path={tiny_model_dir}", f"export_dir={tmp_path / 'out'}", "export_num_ctx=2048")
+    lines = (tmp_path / "out" / "Modelfile").read_text().splitlines()
+    assert "FROM ." in lines and 'PARAMETER stop "<|im_end|>"' in lines and "PARAMETER num_ctx 2048" in lines
+    assert any(line.startswith('SYSTEM """You are a helpful AI assistant named SmolLM') for line in lines)
+    text = "\n".join(lines)
+    assert 'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n' in text

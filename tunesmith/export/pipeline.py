@@ -17,6 +17,7 @@ from tunesmith.export import hf_files
 from tunesmith.export.adapter import read_adapter
 from tunesmith.export.gguf_export import check_gguf_export, write_gguf_files
 from tunesmith.export.merge import MergePlan, plan_merge, write_weights
+from tunesmith.export.modelfile import chat_renderer, write_modelfile
 from tunesmith.export.safetensors_io import read_tensor_infos, weight_files
 from tunesmith.export.sources import ExportSources, resolve_sources
 
@@ -165,7 +166,11 @@ def prepare_extras(config: ExportConfig, model_config: dict):
     def write_extras(out_dir: Path, tokenizer, export_dir: Path) -> list[str]:
         written_model_config = hf_files.read_model_config(out_dir)
         ggufs = write_gguf_files(out_dir, written_model_config, tokenizer, config.export_gguf, export_dir.name, out_dir)
-        return [path.name for path in ggufs]
+        source = f"./{ggufs[0].name}" if ggufs else "."
+        stop_tokens = hf_files.end_of_turn_tokens(tokenizer)
+        num_ctx = config.export_num_ctx or written_model_config.get("max_position_embeddings") or 4096
+        modelfile = write_modelfile(out_dir, source, chat_renderer(tokenizer), stop_tokens, num_ctx)
+        return [*(path.name for path in ggufs), modelfile.name]
 
     return write_extras
 
