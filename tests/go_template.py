@@ -3,7 +3,7 @@
 Covers: text, `{{ .Field }}`, `{{ $.Field }}`, `{{ $var }}`, string/bool/number literals, `if` / `else if` /
 `else` / `end`, `range PIPELINE` and `range $i, $m := PIPELINE`, `$var := x` and `$var = x`, the functions
 eq, ne, and, or, not, len and slice, parentheses, and `{{-`/`-}}` trimming. Truthiness is Go's: empty string, 0,
-false, nil and empty lists are false. Go itself is not installed here; https://pkg.go.dev/text/template is the reference.
+false, nil and empty lists are false. Go is not installed here; https://pkg.go.dev/text/template is the reference.
 """
 
 from __future__ import annotations
