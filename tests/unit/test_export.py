@@ -304,3 +304,51 @@ def test_modelfile_is_written(tiny_model_dir, tmp_path):
     assert any(line.startswith('SYSTEM """You are a helpful AI assistant named SmolLM') for line in lines)
     text = "\n".join(lines)
     assert 'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n' in text
+
+
+def test_pissa_adapter_saved_converted_merges_onto_the_original_base(tiny_model_dir, tmp_path):
+    """PiSSA trains on a residual base; saved converted (rank 2r, as training saves it) it applies to the original."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa_niter_4")
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].init_lora_weights = True  # what training does before saving the start
+    peft_model.save_pretrained(tmp_path / "pissa_init")
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    peft_model.save_pretrained(
+        tmp_path / "adapter", path_initial_model_for_weight_conversion=str(tmp_path / "pissa_init")
+    )
+    run_export(
+        f"model_name_or_path={tiny_model_dir}",
+        f"adapter_name_or_path={tmp_path / 'adapter'}",
+        f"export_dir={tmp_path / 'merged'}",
+        "infer_dtype=float32",
+    )
+    torch.testing.assert_close(logits(load_exported(tmp_path / "merged")), logits(peft_model.eval()), atol=1e-4, rtol=0)
+
+
+def test_qlora_adapter_merges_with_a_note(tiny_model_dir, tmp_path, capsys):
+    make_adapter(tiny_model_dir, tmp_path / "adapter")
+    (tmp_path / "adapter" / "tunesmith_config.yaml").write_text(
+        f"model_name_or_path: {tiny_model_dir}\nquantization_bit: 4\n"
+    )
+    run_export(f"adapter_name_or_path={tmp_path / 'adapter'}", f"export_dir={tmp_path / 'merged'}")
+    output = capsys.readouterr().out
+    assert "trained on a quantized base" in output and "rounding" in output
+    assert "bfloat16" in output  # the dtype written is said
+
+
+def test_quantized_base_is_refused(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "gptq"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="is a gptq model; cannot merge into or re-export quantized weights"):
+        run_export(f"model_name_or_path={model_dir}", f"export_dir={tmp_path / 'out'}")
