@@ -276,4 +276,9 @@ def add_tokenizer(writer, model_dir: Path, tokenizer, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=True)
+    # Said explicitly: transformers 5 no longer saves add_bos_token, and llama.cpp would otherwise add a BOS that
+    # the tokenizer never adds (SmolLM2's BOS is <|im_start|>, which doubled opens every chat).
+    probe = tokenizer("a")["input_ids"]
+    special.add_special_token["bos"] = bool(probe) and probe[0] == tokenizer.bos_token_id
+    special.add_special_token["eos"] = bool(probe) and probe[-1] == tokenizer.eos_token_id
     special.add_to_gguf(writer)
