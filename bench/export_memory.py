@@ -216,7 +216,8 @@ def bench(name: str, work: Path, base: Path, adapter: Path, shard: str, check_ha
     ours = measure("tunesmith", work, base, adapter, shard)
     theirs = measure("peft", work, base, adapter, shard)
     comparison = compare(work / "out-tunesmith", work / "out-peft")
-    print(f"\n== {name}: {size / 1e9:.2f} GB of bfloat16 weights, output shards of {shard}")
+    dtype = json.loads((base / "config.json").read_text()).get("dtype")
+    print(f"\n== {name}: {size / 1e9:.2f} GB of {dtype} weights, written as bfloat16 in shards of {shard}")
     for role, result in (("tunesmith export (streaming)", ours), ("peft merge_and_unload + save", theirs)):
         print(
             f"{role:32s} {result['seconds']:7.1f} s   peak RSS {result['peak_rss'] / 1e9:6.2f} GB "

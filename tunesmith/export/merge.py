@@ -150,8 +150,11 @@ def merge_tensor(
     tied: bool,
     untied: bool,
 ) -> torch.Tensor:
-    if not base.is_floating_point():
-        return base
+    changed_by = {name, source_name} | (
+        {OUTPUT_HEAD} if tied and source_name.endswith("embed_tokens.weight") else set()
+    )
+    if not base.is_floating_point() or not any(adapter.touches(n) for adapter in adapters for n in changed_by):
+        return base  # nothing to merge: no float32 copy (an untouched embedding is the largest tensor of all)
     if name == OUTPUT_HEAD and untied:
         # Untied by a modules_to_save copy: the head starts from the shared weight and takes the head's changes.
         return merge_into(OUTPUT_HEAD, base, adapters, device)
