@@ -50,3 +50,31 @@ def test_pitfall_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys):
     assert main(["export", f"model_name_or_path={tiny_model_dir}", f"export_dir={tmp_path / 'taken'}"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "already holds other files" in error
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze", "full"])
+def test_training_run_directories_export(tiny_model_dir, identity_data, tmp_path, method):
+    """What `tunesmith train` writes exports: the adapter dir for lora, the run dir itself for full and freeze."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.unit.test_export import PROMPT_IDS, load_exported
+    from tests.unit.test_train import lora_logits, train
+
+    run = train(tmp_path, tiny_model_dir, identity_data, f"finetuning_type={method}", "max_steps=2")
+    source = ["adapter_name_or_path=" + str(run)] if method == "lora" else [f"model_name_or_path={run}"]
+    args = [
+        "export",
+        *source,
+        f"finetuning_type={method}",
+        f"export_dir={tmp_path / 'exported'}",
+        "infer_dtype=float32",
+    ]
+    assert main(args) == 0
+    with torch.no_grad():
+        exported = load_exported(tmp_path / "exported")(PROMPT_IDS).logits
+        if method == "lora":
+            expected = lora_logits(tiny_model_dir, run, PROMPT_IDS)
+        else:
+            expected = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval()(PROMPT_IDS).logits
+    torch.testing.assert_close(exported, expected, atol=1e-4, rtol=0)
