@@ -352,3 +352,48 @@ def test_quantized_base_is_refused(tiny_model_dir, tmp_path):
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="is a gptq model; cannot merge into or re-export quantized weights"):
         run_export(f"model_name_or_path={model_dir}", f"export_dir={tmp_path / 'out'}")
+
+
+def test_k_quant_without_llama_quantize_is_refused_before_work(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no llama-quantize anywhere
+    with pytest.raises(ConfigError, match=r"q4_k_m needs llama\.cpp's llama-quantize on PATH"):
+        run_export(f"model_name_or_path={tiny_model_dir}", f"export_dir={tmp_path / 'out'}", "export_gguf=q4_k_m")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+def test_gguf_round_trip_other_families(tiny_model_dir, tmp_path, model_type, monkeypatch):
+    """Qwen2 (q/k/v biases, no Q/K permutation), Qwen3 (q/k norms) and Mistral (written as llama) read back."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.export import gguf_export
+
+    if model_type.startswith("qwen"):
+        # transformers 5 loads this SmolLM2 vocabulary with Qwen2's own pre-tokenizer (the class follows the
+        # model type): a pairing in no table. Real Qwen models hash to "qwen2".
+        monkeypatch.setattr(gguf_export, "pre_tokenizer_name", lambda tokenizer: "qwen2")
+
+    llama = AutoConfig.from_pretrained(tiny_model_dir).to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    keep += ("num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id")
+    head_dim = 128 if model_type == "qwen3" else 8  # transformers reads no head_dim from a qwen3 GGUF: 128 assumed
+    config = AutoConfig.for_model(model_type, **{key: llama[key] for key in keep}, head_dim=head_dim)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.1)  # non-trivial biases and norms
+    model.save_pretrained(tmp_path / "base")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "base")
+    run_export(
+        f"model_name_or_path={tmp_path / 'base'}",
+        f"export_dir={tmp_path / 'm'}",
+        "export_gguf=f16",
+        "infer_dtype=float32",
+    )
+    from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", gguf_file="m-f16.gguf", dtype=torch.float32).eval()
+    weights = from_gguf.state_dict()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(weights[name], tensor, atol=2e-3, rtol=0, msg=name)
+    torch.testing.assert_close(logits(from_gguf), logits(model.eval()), atol=2e-2, rtol=0)

@@ -239,9 +239,8 @@ def add_model_metadata(writer, config: dict[str, Any], type_name: str, name: str
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    writer.add_key_length(head_dim)  # readers default it (transformers: 128 for qwen3) rather than derive it
+    writer.add_value_length(head_dim)
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(file_type(type_name))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
