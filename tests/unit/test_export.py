@@ -397,3 +397,12 @@ def test_gguf_round_trip_other_families(tiny_model_dir, tmp_path, model_type, mo
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(weights[name], tensor, atol=2e-3, rtol=0, msg=name)
     torch.testing.assert_close(logits(from_gguf), logits(model.eval()), atol=2e-2, rtol=0)
+
+
+def test_unknown_pre_tokenizer_is_refused_before_work(tiny_model_dir, tmp_path, monkeypatch):
+    from tunesmith.export import gguf_export
+
+    monkeypatch.setattr(gguf_export, "PRE_TOKENIZERS", {})
+    with pytest.raises(ModelError, match="pre-tokenizer is not one llama"):
+        run_export(f"model_name_or_path={tiny_model_dir}", f"export_dir={tmp_path / 'out'}", "export_gguf=q8_0")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

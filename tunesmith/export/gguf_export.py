@@ -98,7 +98,7 @@ def file_type(name: str):
     }[name]
 
 
-def check_gguf_export(types: list[str], model_config: dict[str, Any]) -> None:
+def check_gguf_export(types: list[str], model_config: dict[str, Any], tokenizer) -> None:
     """Everything that would stop a GGUF export, checked before any weight is merged."""
     if not types:
         return
@@ -115,6 +115,7 @@ def check_gguf_export(types: list[str], model_config: dict[str, Any]) -> None:
             f"`export_gguf`: this model uses {rope_type} RoPE scaling, which tunesmith's GGUF writer does not "
             "write yet; convert the exported directory with llama.cpp's convert_hf_to_gguf.py"
         )
+    check_gguf_tokenizer(tokenizer, model_config["vocab_size"])
     k_quants = [name for name in types if name in GGUF_K_QUANTS]
     if k_quants and shutil.which("llama-quantize") is None:
         raise ConfigError(
@@ -122,6 +123,21 @@ def check_gguf_export(types: list[str], model_config: dict[str, Any]) -> None:
             "https://github.com/ggml-org/llama.cpp, or install a package that ships it); q8_0, q5_1, q5_0, q4_1 "
             "and q4_0 need nothing else"
         )
+
+
+def check_gguf_tokenizer(tokenizer, vocab_size: int) -> str:
+    """The tokenizer can be written as llama.cpp's byte-level BPE (`gpt2`); returns its pre-tokenizer name."""
+    backend = tokenizer.backend_tokenizer if tokenizer.is_fast else None
+    byte_level = backend is not None and "ByteLevel" in str(backend.decoder)
+    if backend is None or backend.model.__class__.__name__ != "BPE" or not byte_level:
+        raise ModelError(
+            "tunesmith writes GGUF for byte-level BPE tokenizers (Llama 3, Qwen, SmolLM, Mistral Nemo), not "
+            "SentencePiece ones (Llama 2, Mistral 7B v0.1-0.3, Gemma); convert this model with "
+            "llama.cpp's convert_hf_to_gguf.py"
+        )
+    if len(tokenizer) > vocab_size:
+        raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
+    return pre_tokenizer_name(tokenizer)
 
 
 def pre_tokenizer_name(tokenizer) -> str:
@@ -250,13 +266,6 @@ def add_tokenizer(writer, model_dir: Path, tokenizer, vocab_size: int) -> None:
     """Byte-level BPE vocabulary (`gpt2`), token types, merges, special ids and the chat template."""
     import gguf
 
-    if not tokenizer.is_fast or tokenizer.backend_tokenizer.model.__class__.__name__ != "BPE":
-        raise ModelError(
-            "tunesmith writes GGUF for byte-level BPE tokenizers (Llama 3, Qwen, SmolLM); convert this model with "
-            "llama.cpp's convert_hf_to_gguf.py"
-        )
-    if len(tokenizer) > vocab_size:
-        raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
     by_id = {token_id: token for token, token_id in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
@@ -271,7 +280,7 @@ def add_tokenizer(writer, model_dir: Path, tokenizer, vocab_size: int) -> None:
             tokens.append(by_id[token_id])
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
+    writer.add_tokenizer_pre(check_gguf_tokenizer(tokenizer, vocab_size))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=True)

@@ -55,7 +55,7 @@ def export_model(config: ExportConfig) -> ExportResult:
     export_dir = Path(config.export_dir).expanduser()
     record = export_record(config, sources)
     check_export_dir(export_dir, record)
-    plan_gguf = prepare_extras(config, model_config)
+    plan_gguf = prepare_extras(config, model_config, tokenizer)
 
     print(describe_plan(sources, plan, dtype, why))
     for path in sources.qlora_adapters:
@@ -159,9 +159,9 @@ def choose_device(export_device: str) -> torch.device:
     return torch.device("cpu")
 
 
-def prepare_extras(config: ExportConfig, model_config: dict):
+def prepare_extras(config: ExportConfig, model_config: dict, tokenizer):
     """Checks for the GGUF files, done before any work; returns what writes them and the Modelfile."""
-    check_gguf_export(config.export_gguf, model_config)
+    check_gguf_export(config.export_gguf, model_config, tokenizer)
 
     def write_extras(out_dir: Path, tokenizer, export_dir: Path) -> list[str]:
         written_model_config = hf_files.read_model_config(out_dir)
