@@ -77,23 +77,41 @@ def read_tensor_infos(files: list[Path]) -> list[TensorInfo]:
 
 
 class TensorReader:
-    """Reads tensors by name, keeping at most one shard open: callers ask in shard order."""
+    """Reads tensors by name with plain file reads, keeping at most one shard open: callers ask in shard order.
+
+    Not `safe_open(...).get_tensor`: it memory-maps the shard, and every page read stays resident until the file is
+    closed, so resident memory would grow to a whole shard (5 GB for big models). A read holds one tensor.
+    """
 
     def __init__(self) -> None:
         self._file: Path | None = None
-        self._handle = None
+        self._stream: BinaryIO | None = None
+        self._header: dict[str, dict] = {}
+        self._data_start = 0
 
     def get(self, info: TensorInfo) -> torch.Tensor:
         if info.file != self._file:
             self.close()
-            self._handle = safe_open(str(info.file), framework="pt").__enter__()
+            self._stream = info.file.open("rb")
+            (header_size,) = struct.unpack("<Q", self._stream.read(8))
+            self._header = json.loads(self._stream.read(header_size))
+            self._data_start = 8 + header_size
             self._file = info.file
-        return self._handle.get_tensor(info.name)
+        assert self._stream is not None
+        entry = self._header[info.name]
+        begin, end = entry["data_offsets"]
+        self._stream.seek(self._data_start + begin)
+        buffer = bytearray(end - begin)
+        if self._stream.readinto(buffer) != len(buffer):
+            raise ModelError(f"{info.file} is truncated: tensor {info.name} is incomplete")
+        if not buffer:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(DTYPES[entry["dtype"]]).reshape(info.shape)
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(None, None, None)
-        self._handle, self._file = None, None
+        if self._stream is not None:
+            self._stream.close()
+        self._stream, self._file, self._header = None, None, {}
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
