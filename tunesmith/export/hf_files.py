@@ -93,9 +93,8 @@ def write_generation_config(model_dir: Path, config: dict[str, Any], tokenizer, 
     eos_ids.extend(tokenizer.convert_tokens_to_ids(token) for token in end_of_turn_tokens(tokenizer))
     eos_ids = list(dict.fromkeys(int(token_id) for token_id in eos_ids))
     generation["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
-    generation.setdefault("bos_token_id", tokenizer.bos_token_id if tokenizer.bos_token_id is not None else None)
-    if tokenizer.pad_token_id is not None:
-        generation.setdefault("pad_token_id", tokenizer.pad_token_id)
-    generation = {key: value for key, value in generation.items() if value is not None}
+    for key, token_id in (("bos_token_id", tokenizer.bos_token_id), ("pad_token_id", tokenizer.pad_token_id)):
+        if token_id is not None:
+            generation.setdefault(key, token_id)
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     return eos_ids

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from tunesmith.config import SAVED_CONFIG_FILE
 from tunesmith.config.export import InferenceModelKeys
 from tunesmith.errors import ModelError
 from tunesmith.model.resolve import resolve_model
-
-SAVED_CONFIG_FILE = "tunesmith_config.yaml"  # what training writes beside its outputs (config/load.py)
 
 
 @dataclass(frozen=True)
