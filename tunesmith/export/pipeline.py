@@ -55,7 +55,7 @@ def export_model(config: ExportConfig) -> ExportResult:
     export_dir = Path(config.export_dir).expanduser()
     record = export_record(config, sources)
     check_export_dir(export_dir, record)
-    plan_gguf = prepare_extras(config, model_config, tokenizer)
+    write_extras = prepare_extras(config, model_config, tokenizer)
 
     print(describe_plan(sources, plan, dtype, why))
     for path in sources.qlora_adapters:
@@ -73,7 +73,7 @@ def export_model(config: ExportConfig) -> ExportResult:
         hf_files.write_model_config(model_config, dtype, plan.untied, temporary)
         eos_ids = hf_files.write_generation_config(sources.model_dir, model_config, tokenizer, temporary)
         tokenizer.save_pretrained(temporary)
-        extra_files = plan_gguf(temporary, tokenizer, export_dir)
+        extra_files = write_extras(temporary, tokenizer, export_dir)
         (temporary / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         replace_dir(temporary, export_dir)
     finally:
