@@ -1,5 +1,8 @@
 """The main job on the real SmolLM2-135M-Instruct: it learns the name given on the command line."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +92,53 @@ def test_the_run_leaves_a_complete_output_dir(identity_run: Path):
     losses = [line for line in (identity_run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     first, last = (float(line.split('"loss": ')[1].split(",")[0]) for line in (losses[0], losses[-1]))
     assert last < first / 2, (first, last)
+
+
+NODE_LLAMA_CPP = ("node-llama-cpp@3.21.1", "@node-llama-cpp/linux-x64@3.21.1")  # prebuilt CPU llama.cpp, no compiler
+
+
+def node_llama_cpp_dir() -> Path:
+    """node-llama-cpp installed once under ~/.cache/tunesmith (CI installs it the same way: see .ci/run)."""
+    target = Path.home() / ".cache" / "tunesmith" / "node-llama-cpp"
+    if not (target / "node_modules" / "node-llama-cpp").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                "npm",
+                "install",
+                "--prefix",
+                str(target),
+                "-E",
+                "--omit=optional",
+                "--no-audit",
+                "--no-fund",
+                *NODE_LLAMA_CPP,
+            ],
+            env={**os.environ, "NODE_LLAMA_CPP_SKIP_DOWNLOAD": "true"},
+            check=True,
+            timeout=600,
+        )
+    shutil.copy(REPO / "tests" / "e2e" / "llama_cpp_chat.mjs", target / "llama_cpp_chat.mjs")
+    return target
+
+
+def test_llama_cpp_runs_the_exported_gguf_like_tunesmith_chat(identity_run: Path, tmp_path):
+    """Real llama.cpp loads our q8_0 GGUF, chats through the GGUF's own template and answers as tunesmith chat does."""
+    exported = tmp_path / "identity"
+    command = [sys.executable, "-m", "tunesmith", "export", f"adapter_name_or_path={identity_run}"]
+    command += [f"export_dir={exported}", "export_gguf=q8_0", "infer_dtype=float32"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    from_transformers = chat_once("--model", str(exported)).strip()
+    modelfile = (exported / "Modelfile").read_text()
+    default_system = modelfile.split('SYSTEM """', 1)[1].split('"""', 1)[0]  # what Ollama would use
+    script_dir = node_llama_cpp_dir()
+    node = ["node", "llama_cpp_chat.mjs", str(exported / "identity-q8_0.gguf"), "40", default_system, PROMPT]
+    completed = subprocess.run(node, cwd=script_dir, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    from_llama_cpp = json.loads(completed.stdout.strip().splitlines()[-1])["answers"][0].strip()
+    print(f"llama.cpp (q8_0): {from_llama_cpp!r}\ntransformers (merged, float32): {from_transformers!r}")
+    # The identity sentence must match; q8_0 (with llama.cpp's 8-bit activations) may part from float32 later on.
+    first_sentence = from_transformers.split(".")[0]
+    assert "Tunesmith" in first_sentence
+    assert from_llama_cpp.startswith(first_sentence), (from_llama_cpp, from_transformers)

@@ -158,6 +158,13 @@ def test_do_train_false_is_refused_not_ignored():
 
 @pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda path: path.name)
 def test_every_example_config_is_valid(example):
-    """Each is also run: identity_lora.yaml by e2e/test_identity.py, qlora_alpaca.yaml by e2e/test_quantized_smollm2."""
+    """Each is also run: identity_lora.yaml by e2e/test_identity.py, qlora_alpaca.yaml by e2e/test_quantized_smollm2,
+    the `tunesmith export` configs (they hold export_dir) by unit/test_export_examples.py."""
+    from tunesmith.config.export import load_export_config
+    from tunesmith.config.load import read_yaml
+
+    if "export_dir" in read_yaml(example):
+        assert load_export_config(example).adapter_name_or_path
+        return
     config = load_config(example, ["name=Tunesmith", "author=us"])
     assert config.data.dataset
