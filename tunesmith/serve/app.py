@@ -62,6 +62,12 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         return error_response(APIError(error.status_code, str(error.detail)))
 
+    @app.exception_handler(Exception)
+    async def server_bug(request: Request, error: Exception) -> JSONResponse:
+        # A bug in tunesmith, not the client's mistake: the traceback goes to the log, the client gets OpenAI's shape.
+        log.error("%s internal error", request.state.request_id, exc_info=error)
+        return error_response(APIError(500, "internal server error; the server log has the details"))
+
     @app.get("/health")
     async def health() -> JSONResponse:
         if not engine.batcher.alive:

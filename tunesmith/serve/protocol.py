@@ -125,6 +125,8 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
         raise APIError(400, f"the request body is not valid UTF-8 ({error.reason} at byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise APIError(400, f"the request body is not valid JSON: {error.msg} at position {error.pos}") from None
+    except RecursionError:  # the JSON parser recurses once per nesting level
+        raise APIError(400, "the request body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}")
     return data
