@@ -294,9 +294,9 @@ def test_malformed_requests_get_openai_shaped_4xx_and_the_server_keeps_answering
     port = server[0]
 
     @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(bad_bodies())
-    def check(body: bytes) -> None:
-        status, parsed, _ = raw_request(port, "POST", "/v1/chat/completions", body)
+    @given(bad_bodies(), st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+    def check(body: bytes, path: str) -> None:
+        status, parsed, _ = raw_request(port, "POST", path, body)
         assert_openai_error(status, parsed)
 
     check()
@@ -316,6 +316,25 @@ def test_access_log_has_one_line_per_request_and_no_prompt(server, client):
     assert secret not in log
     lines = [line for line in log.splitlines() if "POST /v1/chat/completions 200" in line]
     assert lines and " out=2 " in lines[-1]
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(server, client):
+    port, log_file = server
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1900, "stream": True}
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")
+    connection.sock.close()  # gone without a word, as a killed client
+    connection.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "cancelled" not in log_file.read_text():
+        time.sleep(0.1)
+    (line,) = [line for line in log_file.read_text().splitlines() if "cancelled" in line]
+    assert int(line.split(" after ")[1].split()[0]) < 1900
+    assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).usage.completion_tokens == 2
 
 
 def test_a_public_host_without_a_key_is_refused(tiny_model_dir, capsys, monkeypatch):
@@ -370,7 +389,7 @@ def test_a_cancelled_job_stops_at_the_next_step(batcher):
             job.cancelled.set()
 
     job_kwargs = {"prompt_ids": prompt, "sampling": greedy(1000), "n": 1, "deadline": time.monotonic() + 60}
-    run_job(worker, job_kwargs, record_and_cancel_after_three, wait=3)
+    run_job(worker, job_kwargs, record_and_cancel_after_three, wait=1)
     # Without the cancel flag the job would run to 1000 tokens; with it, nothing follows the step that set it.
     assert not any(isinstance(event, Finished) for event in events)
     assert sum(isinstance(event, Delta) for event in events) == 3
@@ -390,3 +409,19 @@ def test_a_full_queue_is_refused(tiny_model_dir, batcher):
     with pytest.raises(QueueFull):
         idle.submit(job)
     assert torch.is_tensor(torch.tensor(prompt))
+
+
+def test_text_completions_stream_and_whole_match(client):
+    whole = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8)
+    (choice,) = whole.choices
+    assert choice.finish_reason == "length" and choice.text
+    assert whole.usage.completion_tokens == 8
+    pieces, reasons = [], []
+    for chunk in client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, stream=True):
+        pieces.append(chunk.choices[0].text)
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == choice.text
+    assert reasons[-1] == "length" and set(reasons[:-1]) == {None}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt="x", echo=True)
+    assert caught.value.param == "echo"

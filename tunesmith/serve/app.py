@@ -24,7 +24,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.serve.batcher import Batcher, Event, Failed, Finished, Job, QueueFull, Sampling
-from tunesmith.serve.protocol import APIError, ChatCompletionRequest, parse_chat_request
+from tunesmith.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    GenerationFields,
+    parse_chat_request,
+    parse_completion_request,
+)
 
 log = logging.getLogger("tunesmith.serve")
 
@@ -82,39 +88,15 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         chat = parse_chat_request(await read_body(request, settings.max_body_bytes))
-        if chat.model != settings.model_name:
-            raise APIError(404, f"model `{chat.model}` is not served here; use `{settings.model_name}`", "model")
-        prompt_ids = encode_prompt(engine, chat)
-        if settings.log_prompts:
-            log.info("%s prompt: %r", request.state.request_id, engine.tokenizer.decode(prompt_ids))
-        sampling = choose_sampling(chat, settings, len(prompt_ids))
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        job = Job(
-            prompt_ids,
-            sampling,
-            chat.n,
-            deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-            deadline=time.monotonic() + settings.request_timeout_s,
-        )
-        try:
-            engine.batcher.submit(job)
-        except QueueFull:
-            raise APIError(
-                429, "the server is busy: too many requests are queued; retry shortly", code="queue_full"
-            ) from None
-        request.state.tokens = [len(prompt_ids), 0]
-        if chat.user is not None:
-            request.state.user = chat.user
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if chat.stream:
-            # The first event decides the status: a failure before any text is an error response, not a 200.
-            first = await next_event(events, job, request, settings)
-            if isinstance(first, Failed):
-                raise APIError(first.status, first.message)
-            stream = stream_chunks(first, events, job, chat, settings, completion_id, request)
-            return StreamingResponse(stream, media_type="text/event-stream")
-        return await whole_answer(events, job, chat, settings, completion_id, request)
+        check_model(chat, settings)
+        return await answer(request, chat, encode_chat(engine, chat), CHAT, engine, settings)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        completion = parse_completion_request(await read_body(request, settings.max_body_bytes))
+        check_model(completion, settings)
+        prompt_ids = engine.tokenizer(completion.prompt)["input_ids"]  # raw text: the tokenizer adds its BOS, if any
+        return await answer(request, completion, prompt_ids, TEXT, engine, settings)
 
     return app
 
@@ -132,7 +114,74 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def encode_prompt(engine: Engine, chat: ChatCompletionRequest) -> list[int]:
+@dataclass(frozen=True)
+class Shape:
+    """How chat and text completions differ in their answers' JSON."""
+
+    id_prefix: str
+    whole_object: str
+    chunk_object: str
+    chat: bool
+
+    def whole_choice(self, index: int, text: str, reason: str) -> dict[str, Any]:
+        body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+        return {"index": index, **body, "finish_reason": reason, "logprobs": None}
+
+    def chunk_choice(self, index: int, text: str, reason: str | None = None) -> dict[str, Any]:
+        body = {"delta": {"content": text} if text else {}} if self.chat else {"text": text}
+        return {"index": index, **body, "finish_reason": reason, "logprobs": None}
+
+
+CHAT = Shape("chatcmpl-", "chat.completion", "chat.completion.chunk", chat=True)
+TEXT = Shape("cmpl-", "text_completion", "text_completion", chat=False)
+
+
+def check_model(parsed: GenerationFields, settings: ServeSettings) -> None:
+    if parsed.model != settings.model_name:
+        raise APIError(404, f"model `{parsed.model}` is not served here; use `{settings.model_name}`", "model")
+
+
+async def answer(
+    request: Request,
+    parsed: GenerationFields,
+    prompt_ids: list[int],
+    shape: Shape,
+    engine: Engine,
+    settings: ServeSettings,
+):
+    """Queue the generation and answer with the whole result or a stream of chunks."""
+    if settings.log_prompts:
+        log.info("%s prompt: %r", request.state.request_id, engine.tokenizer.decode(prompt_ids))
+    sampling = choose_sampling(parsed, settings, len(prompt_ids))
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    job = Job(
+        prompt_ids,
+        sampling,
+        parsed.n,
+        deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+        deadline=time.monotonic() + settings.request_timeout_s,
+        label=request.state.request_id,
+    )
+    try:
+        engine.batcher.submit(job)
+    except QueueFull:
+        busy = "the server is busy: too many requests are queued; retry shortly"
+        raise APIError(429, busy, code="queue_full") from None
+    request.state.tokens = [len(prompt_ids), 0]
+    if parsed.user is not None:
+        request.state.user = parsed.user
+    reply = Reply(f"{shape.id_prefix}{uuid.uuid4().hex}", shape, parsed, job, events, request, settings)
+    if not parsed.stream:
+        return await reply.whole()
+    # The first event decides the status: a failure before any text is an error response, not a 200.
+    first = await reply.next_event()
+    if isinstance(first, Failed):
+        raise APIError(first.status, first.message)
+    return StreamingResponse(reply.chunks(first), media_type="text/event-stream")
+
+
+def encode_chat(engine: Engine, chat: ChatCompletionRequest) -> list[int]:
     messages = [message.as_template_message() for message in chat.messages]
     try:
         text = engine.render(messages)
@@ -142,7 +191,7 @@ def encode_prompt(engine: Engine, chat: ChatCompletionRequest) -> list[int]:
     return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def choose_sampling(chat: ChatCompletionRequest, settings: ServeSettings, prompt_tokens: int) -> Sampling:
+def choose_sampling(parsed: GenerationFields, settings: ServeSettings, prompt_tokens: int) -> Sampling:
     room = settings.context_length - prompt_tokens
     if room < 1:
         raise APIError(
@@ -151,8 +200,7 @@ def choose_sampling(chat: ChatCompletionRequest, settings: ServeSettings, prompt
             "messages",
             "context_length_exceeded",
         )
-    requested = chat.token_limit()
-    param = "max_completion_tokens" if chat.max_completion_tokens is not None else "max_tokens"
+    requested, param = parsed.token_limit()
     if requested is not None and requested > room:
         raise APIError(
             400,
@@ -164,127 +212,100 @@ def choose_sampling(chat: ChatCompletionRequest, settings: ServeSettings, prompt
     default = settings.default_sampling
     return Sampling(
         max_new_tokens=requested if requested is not None else min(default.max_new_tokens, room),
-        temperature=chat.temperature if chat.temperature is not None else default.temperature,
-        top_p=chat.top_p if chat.top_p is not None else default.top_p,
+        temperature=parsed.temperature if parsed.temperature is not None else default.temperature,
+        top_p=parsed.top_p if parsed.top_p is not None else default.top_p,
         top_k=default.top_k,
         repetition_penalty=default.repetition_penalty,
-        seed=chat.seed,
-        stop=tuple(chat.stop_strings()),
+        seed=parsed.seed,
+        stop=tuple(parsed.stop_strings()),
     )
 
 
-async def next_event(events: asyncio.Queue[Event], job: Job, request: Request, settings: ServeSettings) -> Event:
-    """The job's next event; cancels the job if the client disconnects while waiting."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=0.5)
-        except TimeoutError:
-            if await request.is_disconnected():
-                job.cancelled.set()
-                raise APIError(400, "the client disconnected") from None
-            if time.monotonic() > job.deadline + 5:  # the worker is stuck behind a long batch
-                job.cancelled.set()
-                raise APIError(504, "the request timed out waiting for the generation worker") from None
+@dataclass
+class Reply:
+    """One request's answer being assembled from the batcher's events."""
 
+    id: str
+    shape: Shape
+    parsed: GenerationFields
+    job: Job
+    events: asyncio.Queue[Event]
+    request: Request
+    settings: ServeSettings
 
-async def whole_answer(
-    events: asyncio.Queue[Event],
-    job: Job,
-    chat: ChatCompletionRequest,
-    settings: ServeSettings,
-    completion_id: str,
-    request: Request,
-) -> JSONResponse:
-    texts, finished = [""] * chat.n, {}
-    while len(finished) < chat.n:
-        event = await next_event(events, job, request, settings)
-        if isinstance(event, Failed):
-            raise APIError(event.status, event.message)
-        texts[event.index] += event.text
-        if isinstance(event, Finished):
-            finished[event.index] = event
-    completion_tokens = sum(event.completion_tokens for event in finished.values())
-    request.state.tokens[1] = completion_tokens
-    prompt_tokens = len(job.prompt_ids)
-    return JSONResponse(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": settings.model_name,
-            "choices": [
-                {
-                    "index": index,
-                    "message": {"role": "assistant", "content": texts[index]},
-                    "finish_reason": finished[index].reason,
-                    "logprobs": None,
-                }
-                for index in range(chat.n)
-            ],
-            "usage": usage(prompt_tokens, completion_tokens),
-        }
-    )
-
-
-async def stream_chunks(
-    first: Event,
-    events: asyncio.Queue[Event],
-    job: Job,
-    chat: ChatCompletionRequest,
-    settings: ServeSettings,
-    completion_id: str,
-    request: Request,
-) -> AsyncIterator[str]:
-    created = int(time.time())
-
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": settings.model_name,
-            "choices": choices,
-            **extra,
-        }
-        return f"data: {json.dumps(body)}\n\n"
-
-    def choice(index: int, delta: dict[str, str], reason: str | None = None) -> dict[str, Any]:
-        return {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
-
-    try:
-        for index in range(chat.n):
-            yield chunk([choice(index, {"role": "assistant", "content": ""})])
-        finished: dict[int, Finished] = {}
-        event = first
+    async def next_event(self) -> Event:
+        """The job's next event; cancels the job if the client disconnects while waiting."""
         while True:
-            if isinstance(event, Failed):  # after the 200: the openai client raises on an `error` chunk
-                yield f"data: {json.dumps(APIError(event.status, event.message).body())}\n\n"
-                return
-            if event.text:
-                yield chunk([choice(event.index, {"content": event.text})])
+            try:
+                return await asyncio.wait_for(self.events.get(), timeout=0.5)
+            except TimeoutError:
+                if await self.request.is_disconnected():
+                    self.job.cancelled.set()
+                    raise APIError(400, "the client disconnected") from None
+                if time.monotonic() > self.job.deadline + 5:  # the worker is stuck behind a long batch
+                    self.job.cancelled.set()
+                    raise APIError(504, "the request timed out waiting for the generation worker") from None
+
+    def body(self, choices: list[dict[str, Any]], chunk: bool, **extra: Any) -> dict[str, Any]:
+        kind = self.shape.chunk_object if chunk else self.shape.whole_object
+        created = int(time.time())
+        model = self.settings.model_name
+        return {"id": self.id, "object": kind, "created": created, "model": model, "choices": choices, **extra}
+
+    def usage(self, finished: dict[int, Finished]) -> dict[str, int]:
+        completion_tokens = sum(event.completion_tokens for event in finished.values())
+        self.request.state.tokens[1] = completion_tokens
+        prompt_tokens = len(self.job.prompt_ids)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    async def whole(self) -> JSONResponse:
+        n = self.parsed.n
+        texts, finished = [""] * n, {}
+        while len(finished) < n:
+            event = await self.next_event()
+            if isinstance(event, Failed):
+                raise APIError(event.status, event.message)
+            texts[event.index] += event.text
             if isinstance(event, Finished):
                 finished[event.index] = event
-                yield chunk([choice(event.index, {}, event.reason)])
-                if len(finished) == chat.n:
-                    break
-            event = await next_event(events, job, request, settings)
-        completion_tokens = sum(event.completion_tokens for event in finished.values())
-        request.state.tokens[1] = completion_tokens
-        if chat.stream_options is not None and chat.stream_options.include_usage:
-            yield chunk([], usage=usage(len(job.prompt_ids), completion_tokens))
-        yield "data: [DONE]\n\n"
-    except APIError as error:  # raised while waiting: the client has gone or the worker timed out
-        yield f"data: {json.dumps(error.body())}\n\n"
-    finally:
-        job.cancelled.set()  # a client that went away stops its rows at the next decoding step
+        choices = [self.shape.whole_choice(index, texts[index], finished[index].reason) for index in range(n)]
+        return JSONResponse(self.body(choices, chunk=False, usage=self.usage(finished)))
 
+    async def chunks(self, first: Event) -> AsyncIterator[str]:
+        def sse(body: dict[str, Any]) -> str:
+            return f"data: {json.dumps(body)}\n\n"
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+        try:
+            if self.shape.chat:  # chat streams start with the role, once per choice
+                for index in range(self.parsed.n):
+                    role = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    yield sse(self.body([{**role, "logprobs": None}], chunk=True))
+            finished: dict[int, Finished] = {}
+            event = first
+            while True:
+                if isinstance(event, Failed):  # after the 200: the openai client raises on an `error` chunk
+                    yield sse(APIError(event.status, event.message).body())
+                    return
+                if event.text:
+                    yield sse(self.body([self.shape.chunk_choice(event.index, event.text)], chunk=True))
+                if isinstance(event, Finished):
+                    finished[event.index] = event
+                    yield sse(self.body([self.shape.chunk_choice(event.index, "", event.reason)], chunk=True))
+                    if len(finished) == self.parsed.n:
+                        break
+                event = await self.next_event()
+            usage = self.usage(finished)
+            if self.parsed.stream_options is not None and self.parsed.stream_options.include_usage:
+                yield sse(self.body([], chunk=True, usage=usage))
+            yield "data: [DONE]\n\n"
+        except APIError as error:  # raised while waiting: the client has gone or the worker timed out
+            yield sse(error.body())
+        finally:
+            self.job.cancelled.set()  # a client that went away stops its rows at the next decoding step
 
 
 def error_response(error: APIError) -> JSONResponse:

@@ -70,6 +70,7 @@ class Job:
     deliver: Callable[[Event], None]
     deadline: float  # time.monotonic() after which the request fails with a timeout
     cancelled: threading.Event = field(default_factory=threading.Event)
+    label: str = ""  # the request id, for the log
 
 
 class QueueFull(Exception):
@@ -189,6 +190,7 @@ class Batcher:
                 continue
             if row.job.cancelled.is_set():
                 row.done = True
+                log.info("%s choice %d stopped after %d tokens: cancelled", row.job.label, row.index, len(row.tokens))
             elif now > row.job.deadline:
                 for other in rows:
                     if other.job is row.job:

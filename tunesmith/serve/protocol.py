@@ -9,7 +9,7 @@ server allocate or generate without limit. Every failure becomes an `APIError`, 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -97,11 +97,11 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(Strict):
+class GenerationFields(Strict):
+    """The fields chat and text completions share."""
+
     model: str = Field(max_length=256)
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_tokens: int | None = Field(None, ge=1, description="OpenAI's older name of max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
@@ -114,8 +114,33 @@ class ChatCompletionRequest(Strict):
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def token_limit(self) -> tuple[int | None, str]:
+        """The requested limit on generated tokens, and the field that set it."""
+        return self.max_tokens, "max_tokens"
+
+
+class ChatCompletionRequest(GenerationFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name of max_tokens")
+
+    def token_limit(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+
+class CompletionRequest(GenerationFields):
+    prompt: str = Field(max_length=MAX_CONTENT_CHARS, description="one prompt; a list of prompts is refused")
+
+
+# Text completions' own fields that we do not implement, on top of the chat ones that apply to both.
+UNSUPPORTED_COMPLETION_FIELDS: dict[str, tuple[Any, ...]] = {
+    **{name: UNSUPPORTED_FIELDS[name] for name in ("presence_penalty", "frequency_penalty", "logit_bias")},
+    "logprobs": (None,),
+    "echo": (None, False),
+    "suffix": (None,),
+    "best_of": (None, 1),
+}
 
 
 def parse_json_body(body: bytes) -> dict[str, Any]:
@@ -133,14 +158,25 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    return parse_request(body, ChatCompletionRequest, UNSUPPORTED_FIELDS)
+
+
+def parse_completion_request(body: bytes) -> CompletionRequest:
+    return parse_request(body, CompletionRequest, UNSUPPORTED_COMPLETION_FIELDS)
+
+
+Parsed = TypeVar("Parsed", bound="GenerationFields")
+
+
+def parse_request(body: bytes, model: type[Parsed], unsupported: dict[str, tuple[Any, ...]]) -> Parsed:
     data = parse_json_body(body)
-    for name, unused_values in UNSUPPORTED_FIELDS.items():
+    for name, unused_values in unsupported.items():
         if name in data:
             value = data.pop(name)
             if not any(value == unused and type(value) is type(unused) for unused in unused_values):
                 raise APIError(400, f"`{name}` is not supported by this server; remove it", param=name)
     try:
-        request = ChatCompletionRequest.model_validate(data)
+        request = model.model_validate(data)
     except ValidationError as error:
         raise validation_error(error) from None
     for stop in request.stop_strings():
