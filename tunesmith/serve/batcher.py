@@ -90,8 +90,17 @@ class Row:
 
 
 class Batcher:
-    def __init__(self, model: Any, tokenizer: Any, stop_token_ids: list[int], max_batch_size: int, max_queue: int):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        stop_token_ids: list[int],
+        max_batch_size: int,
+        max_queue: int,
+        skip_special_tokens: bool = True,
+    ):
         self.model, self.tokenizer = model, tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.stop_token_ids = set(stop_token_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids[0]
         self.max_batch_size = max_batch_size
@@ -222,7 +231,7 @@ class Batcher:
         """Add a token to the row; send the text that is certain; finish on a stop token, stop string or limit."""
         sampling = row.job.sampling
         row.tokens.append(token)
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=self.skip_special_tokens)
         reason = None
         cut = first_stop(text, sampling.stop)
         if cut is not None:

@@ -80,7 +80,14 @@ def run(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout,
         log_prompts=args.log_prompts,
     )
-    batcher = Batcher(chat.model, chat.tokenizer, chat.stop_token_ids(), args.max_batch_size, args.max_queue)
+    batcher = Batcher(
+        chat.model,
+        chat.tokenizer,
+        chat.stop_token_ids(),
+        args.max_batch_size,
+        args.max_queue,
+        skip_special_tokens=generation.skip_special_tokens,
+    )
     system = config.prompt.default_system
 
     def render(messages: list[dict[str, str]]) -> str:
