@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -26,7 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from tests.conftest import REPO  # noqa: E402
 from tunesmith import cli  # noqa: E402
-from tunesmith.serve.batcher import Batcher, Delta, Failed, Finished, Job, QueueFull, Sampling  # noqa: E402
+from tunesmith.serve.batcher import Batcher, Delta, Failed, Finished, Job, Sampling  # noqa: E402
 
 KEY = "test-key-123"
 MODEL = "tiny"
@@ -40,8 +39,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, tmp_path_factory) -> tuple[int, Path]:
-    """A server process on a free port; yields (port, its log file)."""
+def server(tiny_model_dir: Path, tmp_path_factory) -> tuple[int, Path, int]:
+    """A server process on a free port; yields (port, its log file, its process id)."""
     port = free_port()
     log_file = tmp_path_factory.mktemp("serve") / "server.log"
     env = {**os.environ, "API_KEY": KEY, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -61,7 +60,7 @@ def server(tiny_model_dir: Path, tmp_path_factory) -> tuple[int, Path]:
                 time.sleep(0.3)
         else:
             pytest.fail("the server did not start:\n" + log_file.read_text())
-        yield port, log_file
+        yield port, log_file, process.pid
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -290,8 +289,15 @@ KNOWN_FIELDS |= {"functions", "function_call", "audio", "modalities", "predictio
 KNOWN_FIELDS |= {"web_search_options", "service_tier", "store", "metadata"}
 
 
+def resident_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+
 def test_malformed_requests_get_openai_shaped_4xx_and_the_server_keeps_answering(server, client):
-    port = server[0]
+    port, _, pid = server
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
+    memory_before = resident_kib(pid)
 
     @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(bad_bodies(), st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
@@ -305,6 +311,7 @@ def test_malformed_requests_get_openai_shaped_4xx_and_the_server_keeps_answering
         assert_openai_error(status, parsed, 400)
     answer = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
     assert answer.usage.completion_tokens == 3
+    assert resident_kib(pid) < 1.1 * memory_before
 
 
 def test_access_log_has_one_line_per_request_and_no_prompt(server, client):
@@ -319,7 +326,7 @@ def test_access_log_has_one_line_per_request_and_no_prompt(server, client):
 
 
 def test_a_client_that_disconnects_mid_stream_stops_its_generation(server, client):
-    port, log_file = server
+    port, log_file, _ = server
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 1900, "stream": True}
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
@@ -335,6 +342,54 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(server, clien
     (line,) = [line for line in log_file.read_text().splitlines() if "cancelled" in line]
     assert int(line.split(" after ")[1].split()[0]) < 1900
     assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).usage.completion_tokens == 2
+
+
+def asgi_post(app, path: str, body: bytes) -> tuple[int, dict, dict]:
+    """Send one POST straight to an ASGI app (no sockets); (status, headers, parsed body)."""
+    import asyncio
+
+    messages: list[dict] = []
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b""}
+    scope |= {"headers": [(b"content-type", b"application/json")], "http_version": "1.1", "scheme": "http"}
+    scope |= {"server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": "", "app": app}
+    asyncio.run(app(scope, receive, send))
+    start = next(message for message in messages if message["type"] == "http.response.start")
+    headers = {name.decode().lower(): value.decode() for name, value in start["headers"]}
+    data = b"".join(message.get("body", b"") for message in messages if message["type"] == "http.response.body")
+    return start["status"], headers, json.loads(data)
+
+
+def test_a_full_queue_answers_429_with_retry_after(batcher):
+    from tunesmith.serve.app import CheckKeyAndLog, Engine, ServeSettings, create_app
+
+    worker, prompt = batcher
+    idle = Batcher(worker.model, worker.tokenizer, [0], max_batch_size=1, max_queue=1)  # not started: nothing drains
+    idle.submit(Job(prompt, greedy(1), 1, deliver=lambda event: None, deadline=time.monotonic() + 1))
+    settings = ServeSettings(model_name=MODEL, context_length=2048, default_sampling=greedy(4))
+    app = CheckKeyAndLog(create_app(Engine(lambda messages: "hi", worker.tokenizer, idle), settings), api_key=None)
+    status, headers, body = asgi_post(app, "/v1/chat/completions", json.dumps(VALID).encode())
+    assert_openai_error(status, body, 429)
+    assert headers["retry-after"] == "1"
+    assert body["error"]["code"] == "queue_full"
+
+
+def test_a_missing_serve_extra_is_named(tiny_model_dir, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else find_spec(name, *a)
+    )
+    assert cli.main(["serve", f"model_name_or_path={tiny_model_dir}"]) == 2
+    assert "tunesmith[serve]" in capsys.readouterr().err
 
 
 def test_a_public_host_without_a_key_is_refused(tiny_model_dir, capsys, monkeypatch):
@@ -399,16 +454,6 @@ def test_a_job_past_its_deadline_fails_with_504(batcher):
     worker, prompt = batcher
     events = run_job(worker, {"prompt_ids": prompt, "sampling": greedy(5), "n": 1, "deadline": time.monotonic()})
     assert isinstance(events[-1], Failed) and events[-1].status == 504
-
-
-def test_a_full_queue_is_refused(tiny_model_dir, batcher):
-    worker, prompt = batcher
-    idle = Batcher(worker.model, worker.tokenizer, [0], max_batch_size=1, max_queue=1)  # not started: nothing drains
-    job = Job(prompt, greedy(1), 1, deliver=lambda event: None, deadline=time.monotonic() + 1)
-    idle.submit(job)
-    with pytest.raises(QueueFull):
-        idle.submit(job)
-    assert torch.is_tensor(torch.tensor(prompt))
 
 
 def test_text_completions_stream_and_whole_match(client):
