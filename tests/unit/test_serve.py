@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -25,7 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from tests.conftest import REPO  # noqa: E402
 from tunesmith import cli  # noqa: E402
-from tunesmith.serve.batcher import Batcher, Delta, Failed, Finished, Job, Sampling  # noqa: E402
+from tunesmith.serve.batcher import Batcher, Delta, Failed, Finished, Job, Sampling, apply_openai_penalties  # noqa: E402
 
 KEY = "test-key-123"
 MODEL = "tiny"
@@ -211,7 +212,7 @@ def test_api_key_is_required_on_v1(server, client):
 
 
 def test_unsupported_fields_are_refused_by_name(client):
-    for field, value in (("presence_penalty", 0.5), ("logprobs", True), ("response_format", {"type": "json_object"})):
+    for field, value in (("logit_bias", {"1": 5}), ("logprobs", True), ("response_format", {"type": "json_object"})):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, **{field: value})
         assert caught.value.param == field
@@ -470,3 +471,18 @@ def test_text_completions_stream_and_whole_match(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL, prompt="x", echo=True)
     assert caught.value.param == "echo"
+
+
+def test_openai_penalties_subtract_per_generated_token():
+    logits = torch.zeros(5)
+    apply_openai_penalties(logits, [1, 3, 3], presence=0.5, frequency=0.25)
+    assert logits.tolist() == [0.0, -0.75, 0.0, -1.0, 0.0]  # the prompt is not counted; 3 twice: 0.5 + 2 * 0.25
+
+
+def test_penalties_change_a_greedy_answer(client):
+    plain = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12).choices[0].message.content
+    repeat = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, frequency_penalty=-2.0)
+    assert repeat.choices[0].message.content != plain
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=HELLO, presence_penalty=3.0)
+    assert caught.value.param == "presence_penalty"

@@ -218,6 +218,8 @@ def choose_sampling(parsed: GenerationFields, settings: ServeSettings, prompt_to
         repetition_penalty=default.repetition_penalty,
         seed=parsed.seed,
         stop=tuple(parsed.stop_strings()),
+        presence_penalty=parsed.presence_penalty,
+        frequency_penalty=parsed.frequency_penalty,
     )
 
 

@@ -35,6 +35,8 @@ class Sampling:
     repetition_penalty: float  # 1: none
     seed: int | None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per time a token was generated
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,8 @@ class Batcher:
             logits[seen] = torch.where(
                 scores > 0, scores / sampling.repetition_penalty, scores * sampling.repetition_penalty
             )
+        if sampling.presence_penalty or sampling.frequency_penalty:
+            apply_openai_penalties(logits, row.tokens, sampling.presence_penalty, sampling.frequency_penalty)
         if sampling.temperature == 0:
             return int(logits.argmax())
         logits = logits / sampling.temperature
@@ -248,6 +252,15 @@ class Batcher:
         if certain > row.sent_chars:
             row.job.deliver(Delta(row.index, text[row.sent_chars : certain]))
             row.sent_chars = certain
+
+
+def apply_openai_penalties(logits: torch.Tensor, generated: list[int], presence: float, frequency: float) -> None:
+    """OpenAI's penalties, in place: logit -= count * frequency + (count > 0) * presence, over the generated tokens
+    only (not the prompt), unlike transformers' multiplicative repetition_penalty."""
+    if not generated:
+        return
+    tokens, counts = torch.tensor(generated, device=logits.device).unique(return_counts=True)
+    logits[tokens] -= counts.to(logits.dtype) * frequency + presence
 
 
 def first_stop(text: str, stops: tuple[str, ...]) -> int | None:

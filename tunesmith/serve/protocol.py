@@ -21,8 +21,6 @@ MAX_STOP_CHARS = 256
 
 # Fields of OpenAI's chat request that we do not implement, and the values that mean "not used" (accepted).
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
@@ -110,6 +108,8 @@ class GenerationFields(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256, description="an end-user id; written to the access log")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -135,7 +135,7 @@ class CompletionRequest(GenerationFields):
 
 # Text completions' own fields that we do not implement, on top of the chat ones that apply to both.
 UNSUPPORTED_COMPLETION_FIELDS: dict[str, tuple[Any, ...]] = {
-    **{name: UNSUPPORTED_FIELDS[name] for name in ("presence_penalty", "frequency_penalty", "logit_bias")},
+    "logit_bias": UNSUPPORTED_FIELDS["logit_bias"],
     "logprobs": (None,),
     "echo": (None, False),
     "suffix": (None,),
