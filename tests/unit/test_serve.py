@@ -486,3 +486,19 @@ def test_penalties_change_a_greedy_answer(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=MODEL, messages=HELLO, presence_penalty=3.0)
     assert caught.value.param == "presence_penalty"
+
+
+def test_listening_rules(monkeypatch, tiny_model_dir, capsys):
+    from tunesmith.errors import ConfigError
+    from tunesmith.serve.command import check_listen
+
+    check_listen("127.0.0.1", None, False)
+    check_listen("::1", None, False)
+    check_listen("0.0.0.0", "a-key", False)
+    check_listen("0.0.0.0", None, True)
+    assert "without an API key" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--allow-no-key"):
+        check_listen("example.org", None, False)
+    monkeypatch.setenv("API_HOST", "0.0.0.0")
+    monkeypatch.delenv("API_KEY", raising=False)
+    assert cli.main(["serve", f"model_name_or_path={tiny_model_dir}"]) == 2  # the env name is read, and refused

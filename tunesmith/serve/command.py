@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else int_from_env("API_PORT", 8000)
     api_key = args.api_key or os.environ.get("API_KEY") or None
     check_listen(host, api_key, args.allow_no_key)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} is not a port number; give 0 to 65535 (--port or API_PORT)")
     for name, value in (("--max-batch-size", args.max_batch_size), ("--max-queue", args.max_queue)):
         if value < 1:
             raise ConfigError(f"{name} is {value}; give a positive number")
