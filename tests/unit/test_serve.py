@@ -502,3 +502,50 @@ def test_listening_rules(monkeypatch, tiny_model_dir, capsys):
     monkeypatch.setenv("API_HOST", "0.0.0.0")
     monkeypatch.delenv("API_KEY", raising=False)
     assert cli.main(["serve", f"model_name_or_path={tiny_model_dir}"]) == 2  # the env name is read, and refused
+
+
+def test_a_request_joins_a_running_batch_and_both_answer_as_alone(batcher, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    worker, _ = batcher
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    long_prompt = tokenizer("Tell me a very long story about a dragon")["input_ids"]
+    short_prompt = tokenizer("Hi")["input_ids"]
+
+    def text_of(events: list) -> str:
+        return "".join(event.text for event in events if isinstance(event, Delta | Finished))
+
+    def job(prompt: list[int], tokens: int, events: list, done: threading.Event, on_delta=None) -> Job:
+        def deliver(event) -> None:
+            events.append(event)
+            if on_delta is not None and isinstance(event, Delta):
+                on_delta()
+            if isinstance(event, Finished | Failed):
+                done.set()
+
+        return Job(prompt, greedy(tokens), 1, deliver=deliver, deadline=time.monotonic() + 60)
+
+    alone = {}
+    for name, prompt, tokens in (("long", long_prompt, 200), ("short", short_prompt, 6)):
+        events, done = [], threading.Event()
+        worker.submit(job(prompt, tokens, events, done))
+        assert done.wait(30)
+        alone[name] = text_of(events)
+
+    long_events, short_events, long_done, short_done = [], [], threading.Event(), threading.Event()
+    long_at_short_end: list[bool] = []
+    short_job = job(short_prompt, 6, short_events, short_done)
+    submitted = threading.Event()
+
+    def submit_short_once() -> None:  # while the long answer is under way
+        if len(long_events) == 5 and not submitted.is_set():
+            submitted.set()
+            worker.submit(short_job)
+
+    worker.submit(job(long_prompt, 200, long_events, long_done, submit_short_once))
+    assert short_done.wait(30)
+    long_at_short_end.append(long_done.is_set())
+    assert long_done.wait(30)
+    assert long_at_short_end == [False]  # the short answer did not wait for the long one
+    assert text_of(short_events) == alone["short"]
+    assert text_of(long_events) == alone["long"]

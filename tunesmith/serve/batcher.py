@@ -1,11 +1,12 @@
 """Batched generation for the server: one worker thread, a bounded queue, and a decoding loop with a row per choice.
 
-The worker takes up to `max_batch_size` rows (one per requested choice) from the queue, left-pads their prompts
-into one batch and decodes them together with a KV cache, one token per step for every row. Each row has its own
-sampling settings (temperature, top_p, a seeded generator), its own stop strings and token limit, so requests with
-different settings share a batch. Before each step the worker drops rows whose client went away (the request's
-cancel flag) or whose time ran out; the batch ends when every row has finished. New requests wait in the queue
-meanwhile (static batching); a full queue is refused at once so the caller can answer 429.
+The worker decodes up to `max_batch_size` rows (one per requested choice) together with a KV cache, one token per
+step for every row. Between steps, queued requests that fit are prefilled (their prompts left-padded) and joined to
+the running batch, their cache left-padded to its width (continuous batching), and finished rows leave it; so a long
+answer does not hold back a short one. Each row has its own sampling settings (temperature, top_p, penalties, a
+seeded generator), stop strings and token limit, so requests with different settings share a batch. Before each
+step the worker drops rows whose client went away (the request's cancel flag) or whose time ran out. A full queue
+is refused at once so the caller can answer 429.
 
 Results go back through `deliver`, a callback the HTTP layer supplies, as `Delta`, `Finished` and `Failed` events.
 """
@@ -91,6 +92,65 @@ class Row:
     done: bool = False
 
 
+@dataclass
+class ActiveBatch:
+    """The rows being decoded together: their KV cache, attention mask (left-padded), next input and positions."""
+
+    rows: list[Row]
+    cache: Any  # a transformers DynamicCache: [rows, heads, mask width, head_dim] per layer
+    mask: torch.Tensor  # [rows, width]: 1 where the cache holds a real token
+    next_ids: torch.Tensor  # [rows, 1]: the token each row feeds next
+    positions: torch.Tensor  # [rows, 1]: its position
+
+    @property
+    def mergeable(self) -> bool:
+        """New rows can join only a cache whose layers are plain growing tensors (not sliding windows)."""
+        layers = getattr(self.cache, "layers", None)
+        return bool(layers) and all(hasattr(layer, "keys") and not layer.is_sliding for layer in layers)
+
+    def merge(self, other: ActiveBatch) -> ActiveBatch:
+        """Both batches in one: the shorter side's cache and mask left-padded to the longer, rows stacked."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([left_pad(mine.keys, width), left_pad(theirs.keys, width)])
+            mine.values = torch.cat([left_pad(mine.values, width), left_pad(theirs.values, width)])
+        mask = torch.cat([left_pad(self.mask, width), left_pad(other.mask, width)])
+        return ActiveBatch(
+            self.rows + other.rows,
+            self.cache,
+            mask,
+            torch.cat([self.next_ids, other.next_ids]),
+            torch.cat([self.positions, other.positions]),
+        )
+
+    def prune(self) -> ActiveBatch | None:
+        """Drop finished rows (and the padding columns no remaining row needs); None when no row is left."""
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        if not keep:
+            return None
+        if len(keep) == len(self.rows):
+            return self
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        mask = self.mask[index]
+        first = int(mask.any(dim=0).nonzero()[0]) if self.mergeable else 0
+        if first > 0:
+            mask = mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        rows = [self.rows[i] for i in keep]
+        return ActiveBatch(rows, self.cache, mask, self.next_ids[index], self.positions[index])
+
+
+def left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros on the left of the sequence dimension (the last one of a mask, the third of a cache's keys/values)."""
+    missing = width - (tensor.shape[-1] if tensor.dim() == 2 else tensor.shape[-2])
+    if missing == 0:
+        return tensor
+    padding = (missing, 0) if tensor.dim() == 2 else (0, 0, missing, 0)
+    return torch.nn.functional.pad(tensor, padding)
+
+
 class Batcher:
     def __init__(
         self,
@@ -130,69 +190,97 @@ class Batcher:
             raise QueueFull from None
 
     def _work(self) -> None:
-        pending: list[Job] = []  # taken from the queue but not fitting the current batch
+        batch: ActiveBatch | None = None
+        waiting: list[Job] = []  # taken from the queue, waiting for room in the batch
         while not self._stopping.is_set():
-            if not pending:
-                try:
-                    pending.append(self.jobs.get(timeout=0.1))
-                except queue.Empty:
-                    continue
-            batch, rows = [], 0
-            while pending and (not batch or rows + pending[0].n <= self.max_batch_size):
-                job = pending.pop(0)
-                batch.append(job)
-                rows += job.n
-                if not pending:
-                    try:
-                        pending.append(self.jobs.get_nowait())
-                    except queue.Empty:
-                        break
-            live = [job for job in batch if not job.cancelled.is_set()]
-            if live:
-                self._generate(live)
+            self._take_jobs(waiting, block=batch is None)
+            admitted: list[Job] = []
+            try:
+                with torch.inference_mode():
+                    batch, admitted = self._admit(batch, waiting)
+                    if batch is not None:
+                        batch = self._step(batch)
+            except RuntimeError as error:  # torch's errors (out of memory among them): fail these, keep serving
+                log.exception("generation failed")
+                jobs = {id(job): job for job in admitted + ([row.job for row in batch.rows] if batch else [])}
+                for job in jobs.values():
+                    job.deliver(Failed(500, f"generation failed: {type(error).__name__}"))
+                batch = None
 
-    def _generate(self, jobs: list[Job]) -> None:
+    def _take_jobs(self, waiting: list[Job], block: bool) -> None:
+        """Move queued jobs to `waiting`, as many as a batch could take; the rest stay queued (and count for 429)."""
+        if block and not waiting:
+            try:
+                waiting.append(self.jobs.get(timeout=0.1))
+            except queue.Empty:
+                return
+        while sum(job.n for job in waiting) < self.max_batch_size:
+            try:
+                waiting.append(self.jobs.get_nowait())
+            except queue.Empty:
+                return
+
+    def _admit(self, batch: ActiveBatch | None, waiting: list[Job]) -> tuple[ActiveBatch | None, list[Job]]:
+        """Prefill the waiting jobs that fit and join them to the running batch (continuous batching)."""
+        if batch is not None and not batch.mergeable:
+            return batch, []
+        room = self.max_batch_size - (len(batch.rows) if batch is not None else 0)
+        admitted: list[Job] = []
+        while waiting and (waiting[0].n <= room or (batch is None and not admitted)):
+            job = waiting.pop(0)
+            if job.cancelled.is_set():
+                continue
+            admitted.append(job)
+            room -= job.n
+        if not admitted:
+            return batch, []
         rows = [
             Row(job, index, seeded_generator(job.sampling.seed, index, self.device))
-            for job in jobs
+            for job in admitted
             for index in range(job.n)
         ]
-        try:
-            with torch.inference_mode():
-                self._decode(rows)
-        except RuntimeError as error:  # torch's errors (out of memory among them): fail these requests, keep serving
-            log.exception("generation failed")
-            for job in jobs:
-                job.deliver(Failed(500, f"generation failed: {type(error).__name__}"))
+        new = self._prefill(rows)
+        if batch is not None:
+            new = batch.merge(new)
+        return new.prune(), admitted
 
-    def _decode(self, rows: list[Row]) -> None:
+    def _prefill(self, rows: list[Row]) -> ActiveBatch:
         prompts = [row.job.prompt_ids for row in rows]
         width = max(len(ids) for ids in prompts)
         input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = None
-        while True:
-            self._drop_gone(rows)
-            if all(row.done for row in rows):
-                return
-            output = self.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self.cache_key: cache},
-            )
-            cache = getattr(output, self.cache_key)
-            logits = output.logits[:, -1, :].float()
-            next_ids = [self._next_token(row, logits[i]) if not row.done else self.pad_id for i, row in enumerate(rows)]
-            for row, token in zip(rows, next_ids, strict=True):
-                if not row.done:
-                    self._advance(row, token)
-            input_ids = torch.tensor(next_ids, device=self.device).unsqueeze(1)
-            mask = torch.cat([mask, torch.ones_like(input_ids)], dim=1)
-            positions = positions[:, -1:] + 1
+        cache, logits = self._forward(input_ids, mask, positions, None)
+        return ActiveBatch(rows, cache, mask, self._sample_and_advance(rows, logits), positions[:, -1:] + 1)
+
+    def _step(self, batch: ActiveBatch) -> ActiveBatch | None:
+        self._drop_gone(batch.rows)
+        batch = batch.prune()
+        if batch is None:
+            return None
+        mask = torch.cat([batch.mask, torch.ones_like(batch.next_ids)], dim=1)
+        cache, logits = self._forward(batch.next_ids, mask, batch.positions, batch.cache)
+        next_ids = self._sample_and_advance(batch.rows, logits)
+        return ActiveBatch(batch.rows, cache, mask, next_ids, batch.positions + 1).prune()
+
+    def _forward(self, input_ids, mask, positions, cache) -> tuple[Any, torch.Tensor]:
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_key: cache},
+        )
+        return getattr(output, self.cache_key), output.logits[:, -1, :].float()
+
+    def _sample_and_advance(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every row (a pad for finished rows), each added to its row."""
+        next_ids = [self._next_token(row, logits[i]) if not row.done else self.pad_id for i, row in enumerate(rows)]
+        for row, token in zip(rows, next_ids, strict=True):
+            if not row.done:
+                self._advance(row, token)
+        return torch.tensor(next_ids, device=self.device).unsqueeze(1)
 
     def _drop_gone(self, rows: list[Row]) -> None:
         now = time.monotonic()
