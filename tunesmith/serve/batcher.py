@@ -197,7 +197,7 @@ class Batcher:
             admitted: list[Job] = []
             try:
                 with torch.inference_mode():
-                    batch, admitted = self._admit(batch, waiting)
+                    batch = self._admit(batch, waiting, admitted)
                     if batch is not None:
                         batch = self._step(batch)
             except RuntimeError as error:  # torch's errors (out of memory among them): fail these, keep serving
@@ -220,12 +220,12 @@ class Batcher:
             except queue.Empty:
                 return
 
-    def _admit(self, batch: ActiveBatch | None, waiting: list[Job]) -> tuple[ActiveBatch | None, list[Job]]:
-        """Prefill the waiting jobs that fit and join them to the running batch (continuous batching)."""
+    def _admit(self, batch: ActiveBatch | None, waiting: list[Job], admitted: list[Job]) -> ActiveBatch | None:
+        """Prefill the waiting jobs that fit and join them to the running batch (continuous batching); the jobs
+        taken are added to `admitted`, so that a failure can reach them too."""
         if batch is not None and not batch.mergeable:
-            return batch, []
+            return batch
         room = self.max_batch_size - (len(batch.rows) if batch is not None else 0)
-        admitted: list[Job] = []
         while waiting and (waiting[0].n <= room or (batch is None and not admitted)):
             job = waiting.pop(0)
             if job.cancelled.is_set():
@@ -233,7 +233,7 @@ class Batcher:
             admitted.append(job)
             room -= job.n
         if not admitted:
-            return batch, []
+            return batch
         rows = [
             Row(job, index, seeded_generator(job.sampling.seed, index, self.device))
             for job in admitted
@@ -242,7 +242,7 @@ class Batcher:
         new = self._prefill(rows)
         if batch is not None:
             new = batch.merge(new)
-        return new.prune(), admitted
+        return new.prune()
 
     def _prefill(self, rows: list[Row]) -> ActiveBatch:
         prompts = [row.job.prompt_ids for row in rows]
