@@ -44,7 +44,6 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     request_timeout_s: float = 300.0
     log_prompts: bool = False
-    retry_after_s: int = 1
 
 
 @dataclass
