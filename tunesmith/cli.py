@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("tunesmith.data.command", "check, preview or convert datasets with the same keys as train"),
     "chat": ("tunesmith.chat.command", "chat with a model or a trained adapter, streaming the reply"),
     "export": ("tunesmith.export.command", "merge adapters and write safetensors shards, GGUF and a Modelfile"),
+    "serve": ("tunesmith.serve.command", "an OpenAI-compatible API over a model: tunesmith serve CONFIG.yaml"),
     "estimate": ("tunesmith.estimate.command", "predict a run's peak memory before loading anything"),
     "version": ("tunesmith.version_command", "print the versions of tunesmith and the libraries it uses"),
 }

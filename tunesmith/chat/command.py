@@ -40,6 +40,12 @@ LONG_NAMES = ("model_name_or_path", "adapter_name_or_path")  # LLaMA-Factory's f
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_inference_arguments(parser)
+    parser.add_argument("--prompt", metavar="TEXT", help="answer this one message, print the reply and exit")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The config file, key=value overrides and the flags for its keys; `serve` takes the same."""
     parser.add_argument("config", nargs="?", help="inference YAML (LLaMA-Factory's examples/inference files work)")
     parser.add_argument("overrides", nargs="*", help="key=value settings that win over the file, e.g. do_sample=false")
     for flag, (key, help_text) in FLAGS.items():
@@ -55,7 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         key = flag.replace("-", "_")
         parser.add_argument(f"--{flag}", f"--{key}", dest=key, nargs="?", const=True, metavar="BOOL", help=help_text)
         parser.add_argument(f"--no-{flag}", f"--no_{key}", dest=key, action="store_const", const=False, help="")
-    parser.add_argument("--prompt", metavar="TEXT", help="answer this one message, print the reply and exit")
 
 
 def inference_config(args: argparse.Namespace) -> InferenceConfig:

@@ -1,0 +1,1 @@
+"""`tunesmith serve`: an OpenAI-compatible HTTP API over a model, with batched generation."""
