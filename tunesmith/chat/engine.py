@@ -19,7 +19,8 @@ import yaml
 from tunesmith.config import SAVED_CONFIG_FILE
 from tunesmith.data.templates import TEMPLATES, install_chat_format, resolve_chat_format
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.model.load import choose_precision, load_model, load_tokenizer
+from tunesmith.model.load import load_model, load_tokenizer
+from tunesmith.model.precision import choose_precision
 from tunesmith.model.resolve import resolve_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -172,7 +173,7 @@ def load_chat_engine(
             + ", ".join(sorted(TEMPLATES))
         )
 
-    precision = choose_precision(False, False)  # bfloat16 on a GPU that has it, else float32
+    precision = choose_precision()  # weights in bfloat16 on a GPU that has it, else float32
     loaded = load_model(model_dir, precision.dtype, trust_remote_code)
     if adapter_dir is not None:
         loaded = apply_adapter(loaded, adapter_dir, model)

@@ -17,6 +17,7 @@ import yaml
 from tunesmith.config import SAVED_CONFIG_FILE, RunConfig, config_to_flat_dict
 from tunesmith.data.collate import PackedBatches, PadToLongest
 from tunesmith.data.dataset import load_sft_data
+from tunesmith.data.length_groups import length_grouped_sampler
 from tunesmith.data.packing import pack_dataset
 from tunesmith.distributed import deepspeed, fsdp
 from tunesmith.errors import ConfigError
@@ -35,7 +36,8 @@ from tunesmith.model.kernels import (
     choose_attention,
     load_with_unsloth,
 )
-from tunesmith.model.load import choose_precision, load_chat_tokenizer, load_model
+from tunesmith.model.load import load_chat_tokenizer, load_model
+from tunesmith.model.precision import choose_precision, upcast_trainable_parameters
 from tunesmith.model.quantize import check_cpu_4bit_shapes, prepare_for_kbit_training, quantization_for
 from tunesmith.model.resolve import resolve_model
 from tunesmith.patches import apply_fsdp_on_cpu_processes
@@ -70,7 +72,9 @@ def run_sft(config: RunConfig) -> TrainResult:
         # otherwise find them and refuse the directory as one that "already holds this run".
         torch.distributed.barrier()
     set_seed(config.train.seed)
-    precision = choose_precision(config.train.bf16, config.train.fp16)
+    train = config.train
+    precision = choose_precision(train.bf16, train.fp16, train.pure_bf16, config.method.finetuning_type)
+    print(f"precision: {precision.description}")
     if precision.note:
         print(f"note: {precision.note}")
     attention = check_speed_paths(config, precision.dtype)  # a GPU-only key fails here, before any loading
@@ -110,6 +114,8 @@ def run_sft(config: RunConfig) -> TrainResult:
     else:
         model = load_model(model_dir, precision.dtype, model_section.trust_remote_code, quantization, attention)
     model = apply_method(model, config)
+    if precision.upcast_trainable:
+        upcast_trainable_parameters(model)  # float32 master weights for what trains (model/precision.py)
     if config.train.torch_compile:
         compile_in_place(model, config.method.chunked_loss)
     trainable, total = count_parameters(model)
@@ -330,6 +336,9 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
         loraplus_lr_ratio=config.method.loraplus_lr_ratio,
         loraplus_lr_embedding=config.method.loraplus_lr_embedding,
         offload_activations=checkpointing == "offload",
+        train_sampler=length_grouped_sampler(
+            train.group_by_length, packing, data.train, train.per_device_train_batch_size, train.seed
+        ),
     )
     trainer.remove_callback(PrinterCallback)
     if fsdp_arguments:
