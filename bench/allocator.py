@@ -1,6 +1,7 @@
 """CPU allocator and precision candidates, A/B in one command: seconds per step and resident memory.
 
     python -m bench.allocator [--steps 4] [--variants glibc,mmap1m,trim,...] [--precisions fp32,autocast]
+    python -m bench.allocator --layers 8 --repeat 2    # lighter: random weights, SmolLM2's shapes, 8 layers
 
 Each variant runs in its own process, one after the other: SmolLM2-135M-Instruct, LoRA r=8 on every linear
 layer, AdamW, tunesmith's chunked loss, batches of 4 rows whose lengths cycle through 512, 300, 420 and 180 tokens
@@ -56,7 +57,14 @@ def status(field):
 
 torch.manual_seed(0)
 dtype = torch.bfloat16 if precision == "bf16base" else torch.float32
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+layers = int(sys.argv[6])
+if layers:  # SmolLM2's shapes with fewer layers and random weights: a lighter run of the same tensor sizes
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(model_dir)
+    config.num_hidden_layers = layers
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+else:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
 targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
 for p in model.parameters():
@@ -94,12 +102,12 @@ print(json.dumps({"s_per_step": wall, "cpu_s_per_step": cpu, "sys_s_per_step": s
 """
 
 
-def run_variant(variant: str, precision: str, steps: int, model_dir: str) -> dict:
+def run_variant(variant: str, precision: str, steps: int, model_dir: str, layers: int) -> dict:
     env = dict(os.environ)
     if variant in PRELOADS:
         env["LD_PRELOAD"] = PRELOADS[variant]
     lengths = ",".join(str(n) for n in LENGTHS)
-    command = [sys.executable, "-c", CHILD, variant, precision, str(steps), model_dir, lengths]
+    command = [sys.executable, "-c", CHILD, variant, precision, str(steps), model_dir, lengths, str(layers)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -109,6 +117,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--variants", default="glibc,mmap1m,trim,big+trim,jemalloc,tcmalloc")
     parser.add_argument("--precisions", default="fp32")
+    parser.add_argument("--layers", type=int, default=0, help="N > 0: random weights, SmolLM2's shapes, N layers")
     parser.add_argument("--repeat", type=int, default=1, help="run the whole list N times (interleaved)")
     args = parser.parse_args()
     model_dir = str(converted_model_dir())
@@ -117,7 +126,7 @@ def main() -> int:
     results: dict[tuple[str, str], list[dict]] = {case: [] for case in cases}
     for _ in range(args.repeat):
         for case in cases:
-            results[case].append(run_variant(*case, args.steps, model_dir))
+            results[case].append(run_variant(*case, args.steps, model_dir, args.layers))
             print(case, results[case][-1], f"load {os.getloadavg()[0]:.2f}", flush=True)
     first = None
     print(

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.as_program = argv is None  # this process's own command line: a command may re-execute it (train/allocator)
     try:
         return args.run(args) or 0
     except TunesmithError as error:

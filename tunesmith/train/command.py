@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(config_path, overrides)
     if config.method.stage != "sft":
         raise NotSupportedYet(f"`stage: {config.method.stage}` is not supported yet; only `stage: sft` is built so far")
+    if getattr(args, "as_program", False) and not args.print_config:
+        use_fast_cpu_allocator()  # before the launch, so that torchrun's processes inherit it
     plan = None if args.print_config else launch.plan_launch(config.train)
     if plan is not None:  # the launched processes print the config and train
         return launch.run_torchrun(plan.torchrun_command([a for a in (config_path, *overrides) if a is not None]))
@@ -47,6 +49,16 @@ def run(args: argparse.Namespace) -> int:
     if in_torchrun:
         process_group.leave()
     return 130 if result.interrupted else 0
+
+
+def use_fast_cpu_allocator() -> None:
+    """On a CPU, run again with tcmalloc or jemalloc preloaded where installed (train/allocator.py)."""
+    import torch
+
+    from tunesmith.train.allocator import reexec_with_fast_allocator
+
+    if not torch.cuda.is_available():
+        reexec_with_fast_allocator()
 
 
 def print_config(config) -> None:

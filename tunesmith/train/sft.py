@@ -42,7 +42,7 @@ from tunesmith.model.quantize import check_cpu_4bit_shapes, prepare_for_kbit_tra
 from tunesmith.model.resolve import resolve_model
 from tunesmith.patches import apply_fsdp_on_cpu_processes
 from tunesmith.train import callbacks
-from tunesmith.train.allocator import return_freed_memory_to_os
+from tunesmith.train.allocator import prepare_cpu_allocator, release_free_memory
 from tunesmith.train.checkpoints import prepare_output_dir, run_fingerprint, write_fingerprint
 from tunesmith.train.trainer import TunesmithTrainer
 
@@ -61,7 +61,7 @@ def run_sft(config: RunConfig) -> TrainResult:
     from transformers import set_seed
 
     if not torch.cuda.is_available():
-        return_freed_memory_to_os()  # resident memory then follows the live tensors (train/allocator.py)
+        print(prepare_cpu_allocator())  # resident memory follows the live tensors (train/allocator.py)
     output_dir = Path(config.output.output_dir)
     fingerprint = run_fingerprint(config)
     resume_from = prepare_output_dir(
@@ -136,6 +136,7 @@ def run_sft(config: RunConfig) -> TrainResult:
 
     interrupt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.SaveOnInterrupt))
     result = trainer.train(resume_from_checkpoint=resume_from)
+    release_free_memory()  # what the allocator kept for the next step
     if interrupt.interrupted:
         print(
             f"Stopped at step {trainer.state.global_step}; checkpoint saved in {output_dir}. "
