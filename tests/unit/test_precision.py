@@ -146,3 +146,23 @@ def test_gpu_runs_keep_master_weights_as_decided(
     states = {v.dtype for s in trainer.optimizer.state.values() for v in s.values() if v.dim() > 0}
     assert states == trainable  # Adam's moments in the master weights' dtype
     assert trainer.args.bf16 == autocast
+
+
+def test_the_estimate_follows_the_decision():
+    from tests.unit.test_estimate import run_estimate
+
+    params, linear = 134_515_008, 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
+    full = run_estimate("finetuning_type=full", device="cuda")
+    assert full.weights == 4 * params + 2 * linear  # float32 master weights + autocast's bfloat16 copies
+    assert full.gradients == 4 * params and full.optimizer == 2 * 4 * params
+    pure = run_estimate("finetuning_type=full", "pure_bf16=true", device="cuda")
+    assert (pure.weights, pure.gradients) == (2 * params, 2 * params)
+    plain = run_estimate("finetuning_type=full", "bf16=false", device="cuda")
+    assert plain.weights == 4 * params and plain.activations > 1.5 * full.activations
+    cpu_float32 = run_estimate("bf16=false")
+    cpu_default = run_estimate()
+    if choose_precision(None, False, False, "lora").bf16:  # this CPU autocasts: 16-bit activations and copies
+        assert cpu_default.activations < 0.75 * cpu_float32.activations
+        assert cpu_default.weights == cpu_float32.weights + 2 * linear
+    else:
+        assert cpu_default.total_bytes == cpu_float32.total_bytes
