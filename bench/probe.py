@@ -138,7 +138,9 @@ def measure_training(eval_rows: list[dict[str, Any]] | None = None, max_length: 
         measurement.final_loss = losses[-1] if losses else None
         if eval_rows:
             scoring_start = time.perf_counter()
-            measurement.same_rows_loss = same_rows_loss(self.model, self.processing_class, eval_rows, max_length)
+            # without the mixed-precision wrapper accelerate put on the forward: every run scores in float32
+            model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+            measurement.same_rows_loss = same_rows_loss(model, self.processing_class, eval_rows, max_length)
             measurement.same_rows_seconds = time.perf_counter() - scoring_start
         return output
 

@@ -95,8 +95,8 @@ def length_grouped_sampler(
     from tunesmith.errors import ConfigError
 
     streaming = not hasattr(train_dataset, "__len__")
-    if setting is False or (setting is None and (packing or streaming)):
-        return None
+    if setting is False or (setting is None and (packing or streaming or batch_size == 1)):
+        return None  # (one row per batch has no padding to save)
     if packing or streaming:
         why = "packing fills every row to cutoff_len" if packing else "streamed data has no lengths to group by"
         raise ConfigError(f"group_by_length: true does not apply here: {why}; drop the key")
