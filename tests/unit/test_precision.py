@@ -166,3 +166,19 @@ def test_the_estimate_follows_the_decision():
         assert cpu_default.weights == cpu_float32.weights + 2 * linear
     else:
         assert cpu_default.total_bytes == cpu_float32.total_bytes
+
+
+def test_threads_follow_the_physical_cores(tmp_path):
+    from tunesmith.train.threads import physical_cores
+
+    def cpu(processor, core, package=0):
+        return f"processor\t: {processor}\nphysical id\t: {package}\ncore id\t\t: {core}\nflags\t\t: fpu\n"
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("\n".join(cpu(p, p % 4) for p in range(8)))  # 4 cores, 2 hardware threads each
+    assert physical_cores(cpuinfo, allowed=set(range(8))) == 4
+    assert physical_cores(cpuinfo, allowed={0, 4}) == 1  # a CPU set of both threads of one core
+    cpuinfo.write_text("\n".join(cpu(p, p % 2, package=p // 2) for p in range(4)))  # 2 packages x 2 cores
+    assert physical_cores(cpuinfo, allowed=set(range(4))) == 4
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu\n")  # no topology
+    assert physical_cores(cpuinfo, allowed={0}) is None

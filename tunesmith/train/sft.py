@@ -44,6 +44,7 @@ from tunesmith.patches import apply_fsdp_on_cpu_processes
 from tunesmith.train import callbacks
 from tunesmith.train.allocator import prepare_cpu_allocator, release_free_memory
 from tunesmith.train.checkpoints import prepare_output_dir, run_fingerprint, write_fingerprint
+from tunesmith.train.threads import match_threads_to_cores
 from tunesmith.train.trainer import TunesmithTrainer
 
 PISSA_INIT_DIR = "pissa_init"  # the adapter as initialised, which the final PiSSA adapter is converted against
@@ -62,6 +63,7 @@ def run_sft(config: RunConfig) -> TrainResult:
 
     if not torch.cuda.is_available():
         print(prepare_cpu_allocator())  # resident memory follows the live tensors (train/allocator.py)
+        print(match_threads_to_cores())
     output_dir = Path(config.output.output_dir)
     fingerprint = run_fingerprint(config)
     resume_from = prepare_output_dir(
