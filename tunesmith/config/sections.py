@@ -412,8 +412,8 @@ class TrainSection(Section):
     dataloader_num_workers: int = Field(
         0,
         ge=0,
-        description="Background processes feeding batches. 0: the training process collates them itself, which "
-        "costs well under 1% of a step (bench/defaults.py) and leaves every core to the model.",
+        description="Background processes feeding batches. 0: the training process collates them itself (0.4 ms "
+        "a batch against seconds a CPU step; train/threads.py), which leaves every core to the model.",
     )
     group_by_length: bool | None = Field(
         None,
