@@ -339,8 +339,9 @@ def build_trainer(config: RunConfig, model, tokenizer, data, precision, fingerpr
         loraplus_lr_ratio=config.method.loraplus_lr_ratio,
         loraplus_lr_embedding=config.method.loraplus_lr_embedding,
         offload_activations=checkpointing == "offload",
+        # grouped by the rows of one forward pass over all processes: the same order for any process count
         train_sampler=length_grouped_sampler(
-            train.group_by_length, packing, data.train, train.per_device_train_batch_size, train.seed
+            train.group_by_length, packing, data.train, train.per_device_train_batch_size * args.world_size, train.seed
         ),
     )
     trainer.remove_callback(PrinterCallback)
