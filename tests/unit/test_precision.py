@@ -35,6 +35,9 @@ def decided(device, method="lora", bf16=None, fp16=False, pure_bf16=False):
 )
 def test_the_default_for_each_device(device, method, expected):
     assert decided(device, method) == expected
+    precision = choose_precision(None, False, False, method, device)
+    autocast = torch.bfloat16 if expected[1] else torch.float16 if expected[2] else torch.float32
+    assert precision.compute_dtype == autocast  # what the attention kernel is chosen for
 
 
 @pytest.mark.parametrize("device", [GPU, OLD_GPU, BF16_CPU, PLAIN_CPU])

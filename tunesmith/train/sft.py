@@ -79,7 +79,7 @@ def run_sft(config: RunConfig) -> TrainResult:
     print(f"precision: {precision.description}")
     if precision.note:
         print(f"note: {precision.note}")
-    attention = check_speed_paths(config, precision.dtype)  # a GPU-only key fails here, before any loading
+    attention = check_speed_paths(config, precision.compute_dtype)  # a GPU-only key fails here, before loading
 
     model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
     tokenizer, chat_format = load_chat_tokenizer(model_dir, config.data.template, config.model.trust_remote_code)
