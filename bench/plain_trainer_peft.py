@@ -24,12 +24,15 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 MAX_LENGTH = 512
 
 
-def tokenize_row(row: dict[str, Any], tokenizer, name: str, author: str, max_length: int) -> dict[str, list[int]]:
+def tokenize_row(
+    row: dict[str, Any], tokenizer, name: str, author: str, max_length: int, pad_to_max_length: bool = True
+) -> dict[str, list[int]]:
     messages = build_messages(row, name, author)
     full_prompt = tokenizer.apply_chat_template(messages, tokenize=False)
     user_prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    padding = "max_length" if pad_to_max_length else False  # False: the collator pads each batch to its longest
     tokenized = tokenizer(
-        full_prompt, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=False
+        full_prompt, padding=padding, max_length=max_length, truncation=True, add_special_tokens=False
     )
     user_prompt_len = len(tokenizer(user_prompt, add_special_tokens=False)["input_ids"])
     labels = list(tokenized["input_ids"])
@@ -51,7 +54,14 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="every row is padded to this length")
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="rows are truncated to this length")
+    parser.add_argument(
+        "--padding",
+        choices=["max_length", "dynamic"],
+        default="max_length",
+        help="max_length: every row padded to --max-length when tokenized; dynamic: the collator pads each batch "
+        "to its longest row (DataCollatorForSeq2Seq(padding=True), the other tutorial recipe)",
+    )
     parser.add_argument("--eval-rows", type=int, help="after training, score the model on the first N rows of --data")
     parser.add_argument("--output-dir", help="Trainer output_dir (default: a temporary directory)")
     parser.add_argument("--json", help="write the measurement to this JSON file")
@@ -93,7 +103,9 @@ def main() -> int:
     if args.rows is not None:
         data = data.select(range(min(args.rows, len(data))))
     train_data = data.map(
-        lambda row: tokenize_row(row, tokenizer, args.name, args.author, args.max_length),
+        lambda row: tokenize_row(
+            row, tokenizer, args.name, args.author, args.max_length, pad_to_max_length=args.padding == "max_length"
+        ),
         remove_columns=data.column_names,
     )
 

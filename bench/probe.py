@@ -39,6 +39,7 @@ class Measurement:
     peak_rss_mib: float = 0.0  # ru_maxrss of this process, read after training
     peak_rss_hwm_mib: float = 0.0  # VmHWM of this process: the same peak, not inherited across exec
     same_rows_loss: float | None = None  # after training: mean loss over the supervised tokens of fixed rows
+    same_rows_seconds: float = 0.0  # wall time of that scoring (not part of training)
 
     @property
     def step_seconds(self) -> float:
@@ -136,7 +137,11 @@ def measure_training(eval_rows: list[dict[str, Any]] | None = None, max_length: 
         losses = [entry["loss"] for entry in self.state.log_history if "loss" in entry]
         measurement.final_loss = losses[-1] if losses else None
         if eval_rows:
-            measurement.same_rows_loss = same_rows_loss(self.model, self.processing_class, eval_rows, max_length)
+            scoring_start = time.perf_counter()
+            # without the mixed-precision wrapper accelerate put on the forward: every run scores in float32
+            model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+            measurement.same_rows_loss = same_rows_loss(model, self.processing_class, eval_rows, max_length)
+            measurement.same_rows_seconds = time.perf_counter() - scoring_start
         return output
 
     def training_step(self, model, inputs, *args, **kwargs):

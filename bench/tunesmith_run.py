@@ -1,6 +1,7 @@
 """`python -m bench.tunesmith_run --json OUT [--eval-data F --eval-rows N] -- train CONFIG key=value ...`.
 
-Runs `tunesmith.cli.main` unchanged inside `measure_training()` and writes the measurement as JSON; with
+Runs `tunesmith.cli.main` unchanged inside `measure_training()` (after the allocator re-execution that `tunesmith
+train` does as a program) and writes the measurement as JSON; with
 `--eval-data`, the trained model is then scored on the first `--eval-rows` rows of that file (bench.probe).
 """
 
@@ -22,6 +23,9 @@ def main() -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
 
     from tunesmith.cli import main as tunesmith_main
+    from tunesmith.train.command import use_fast_cpu_allocator
+
+    use_fast_cpu_allocator()  # as `tunesmith train` does when run as a program; this process runs it in-process
 
     eval_rows = read_rows(args.eval_data, args.eval_rows) if args.eval_data else None
     with measure_training(eval_rows, args.max_length) as measurement:

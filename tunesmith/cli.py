@@ -58,6 +58,7 @@ def add_verbose_flag(parser: argparse.ArgumentParser, default) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.configure(verbose=args.verbose)
+    args.as_program = argv is None  # this process's own command line: a command may re-execute it (train/allocator)
     try:
         return args.run(args) or 0
     except TunesmithError as error:

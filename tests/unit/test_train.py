@@ -105,6 +105,7 @@ def test_saved_adapter_reloads_in_plain_peft_with_the_same_logits(tmp_path, tiny
             "max_steps=3",
             "learning_rate=1e-2",
             "max_samples=8",
+            "bf16=false",  # the in-memory model's forward would otherwise run under the Trainer's bf16 autocast
         ],
     )
     import tunesmith.train.sft as sft

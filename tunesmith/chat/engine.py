@@ -22,7 +22,8 @@ from tunesmith.data.templates import TEMPLATES, install_chat_format, resolve_cha
 from tunesmith.errors import ModelError
 from tunesmith.model.adapters import check_adapter_dir, load_adapters, recorded_base_model
 from tunesmith.model.kernels import choose_attention
-from tunesmith.model.load import choose_precision, load_model, load_tokenizer
+from tunesmith.model.load import load_model, load_tokenizer
+from tunesmith.model.precision import choose_precision
 from tunesmith.model.quantize import check_cpu_4bit_shapes, quantization_for
 from tunesmith.model.resolve import resolve_model
 
@@ -147,7 +148,7 @@ def load_chat_engine(
         )
 
     # auto: bfloat16 on a GPU that has it, else float32
-    dtype = DTYPES[infer_dtype] if infer_dtype != "auto" else choose_precision(False, False).dtype
+    dtype = DTYPES[infer_dtype] if infer_dtype != "auto" else choose_precision().dtype
     quantization = quantization_for(
         model_dir, model.quantization_bit, model.quantization_type, model.double_quantization, compute_dtype=dtype
     )

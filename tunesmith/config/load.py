@@ -45,7 +45,6 @@ NEGATED_ALIASES: dict[str, str] = {"disable_gradient_checkpointing": "gradient_c
 
 # Keys that change nothing in tunesmith but appear in copied files; accepted and dropped with a notice.
 IGNORED_KEYS: dict[str, str] = {
-    "group_by_length": "transformers 5 removed it",
     "save_safetensors": "tunesmith always saves safetensors",
     "no_cuda": "tunesmith picks the device itself",
 }

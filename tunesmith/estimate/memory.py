@@ -6,8 +6,10 @@ tensors) that training holds at its peak, in bytes:
 - **runtime**: what the process holds before any model: on a CPU the resident memory of Python + torch +
   transformers + peft + datasets + the tokenizer and Trainer (`CPU_RUNTIME_BYTES`, measured with a tiny model); on
   a GPU the CUDA context and kernels (`CUDA_CONTEXT_BYTES`).
-- **weights**: every parameter in the dtype it is kept in: float32 on a CPU; bfloat16 on a GPU (float32 with fp16
-  mixed precision, plus autocast's float16 copy of the weights). Quantized linear layers (not the output head):
+- **weights**: every parameter in the dtype model/precision.py keeps it in: float32 on a CPU, and for full
+  fine-tuning on a GPU (master weights); bfloat16 for a frozen base on a GPU, and with pure_bf16. Under 16-bit
+  autocast with float32 weights, a 16-bit copy of the linear weights is alive during the step. Quantized linear
+  layers (not the output head):
   4-bit NF4/FP4 is 0.5 byte per weight plus one absmax per 64-weight block (1 byte with double quantization, else
   4); 8-bit is 1 byte per weight plus a float32 scale per output row. In a quantized run peft keeps every other
   parameter (embeddings, norms) in float32. LoRA adds rank x (in + out) float32 parameters per adapted linear
@@ -41,11 +43,11 @@ optimizer state of the previous step is alive and the gradients are not (Trainer
 optimizer step the activations are gone. On a CPU, loading can peak higher than training for a quantized model
 (the whole checkpoint paged in plus the quantized copy); the larger of the two is the prediction.
 
-On a CPU these are the bytes alive at the peak, which is the process's resident peak only when freed memory goes
-back to the system. glibc's malloc, by default, keeps freed tensors of up to 32 MiB in its heap arenas, so the
-resident peak of a run was ~1.5x the live peak (SmolLM2, LoRA, batch 4 x 512: 6.5 GiB against 4.2 GiB); CPU runs
-of `tunesmith train` therefore set a 1 MiB mmap threshold (tunesmith.train.allocator), and their resident peak
-matches this estimate.
+On a CPU these are the bytes alive at the peak, which is the process's resident peak only when the allocator does
+not fragment. glibc's malloc, by default, keeps freed tensors of up to 32 MiB in its heap arenas, so the resident
+peak of a run was ~1.5x the live peak (SmolLM2, LoRA, batch 4 x 512: 6.5 GiB against 4.2 GiB); CPU runs of
+`tunesmith train` therefore use tcmalloc or jemalloc where installed, else a 1 MiB mmap threshold
+(tunesmith.train.allocator), and their resident peak stays within a few percent of this estimate.
 
 The sequence length is `cutoff_len`: every unpacked batch is padded to its longest row, so the longest batch of
 an epoch reaches it whenever some row does, and a packed row always fills it.
@@ -59,8 +61,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tunesmith.errors import ConfigError
 from tunesmith.estimate.shape import EstimateUnsupported, Linear, ModelShape, UnknownShape
+from tunesmith.model.precision import ComputeDevice, choose_precision, cpu_bf16_feature, detect_device
 
 __all__ = ["EstimateUnsupported", "Linear", "ModelShape", "UnknownShape"]
 
@@ -133,8 +138,9 @@ class Settings:
     packing: bool = False
     optim: str = "adamw_torch"
     chunked_loss: bool = True
-    bf16: bool = False
+    bf16: bool | None = None  # None: the device's choice (model/precision.py)
     fp16: bool = False
+    pure_bf16: bool = False
     deepspeed: dict[str, Any] | None = None
     fsdp: str | None = None
     fsdp_offload: bool = False
@@ -162,8 +168,9 @@ class Settings:
             packing=bool(get("data", "packing", False) or get("data", "neat_packing", False)),
             optim=get("train", "optim", "adamw_torch"),
             chunked_loss=get("method", "chunked_loss", True),
-            bf16=get("train", "bf16", False),
+            bf16=get("train", "bf16", None),
             fp16=get("train", "fp16", False),
+            pure_bf16=get("train", "pure_bf16", False),
             deepspeed=read_deepspeed(deepspeed) if deepspeed else None,
             fsdp=get("train", "fsdp", None),
             fsdp_offload=get("train", "fsdp_offload", False),
@@ -190,6 +197,16 @@ def estimate_peak_memory(
     return estimate(shape, Settings.from_config(config), device=device, gradient_checkpointing=gradient_checkpointing)
 
 
+def estimated_device(device: str) -> ComputeDevice:
+    """This machine's device of that type; a GPU the estimate cannot see is assumed to have bfloat16."""
+    here = detect_device()
+    if here.type == device:
+        return here
+    if device == "cuda":
+        return ComputeDevice("cuda", bf16=True)
+    return ComputeDevice("cpu", cpu_bf16_feature() is not None)
+
+
 def estimate(
     shape: ModelShape, settings: Settings, *, device: str, gradient_checkpointing: bool | str = False
 ) -> MemoryEstimate:
@@ -199,8 +216,8 @@ def estimate(
     if gradient_checkpointing == "auto":
         raise ValueError("resolve gradient_checkpointing: auto before estimating (see choose_checkpointing)")
     cpu, notes = device == "cpu", []
-    weight_bytes, act_bytes = kept_dtype_bytes(settings, cpu)
-    weights = base_weight_bytes(shape, settings, weight_bytes, cpu, notes)
+    weight_bytes, act_bytes = kept_dtype_bytes(settings, device)
+    weights = base_weight_bytes(shape, settings, weight_bytes, act_bytes, notes)
     training = trainable_terms(shape, settings, weight_bytes)
     weights, training, host = shard_and_offload(weights, training, settings, cpu, notes)
     activations, offloaded = activation_bytes(shape, settings, training.targets, act_bytes, gradient_checkpointing, cpu)
@@ -230,17 +247,21 @@ def estimate(
     )
 
 
-def kept_dtype_bytes(s: Settings, cpu: bool) -> tuple[int, int]:
-    """(bytes per weight, bytes per activation) as tunesmith keeps them (model.load.choose_precision): float32 on a
-    CPU; on a GPU bfloat16, or float32 weights under float16 autocast when fp16 is asked for."""
-    return s.dtype_bytes or (4 if cpu or s.fp16 else 2), s.dtype_bytes or (4 if cpu else 2)
+def kept_dtype_bytes(s: Settings, device: str) -> tuple[int, int]:
+    """(bytes per weight, bytes per activation) as model/precision.py keeps them on this kind of device: float32
+    weights on a CPU and for full fine-tuning on a GPU, bfloat16 for a frozen GPU base and with pure_bf16; 16-bit
+    activations under autocast."""
+    precision = choose_precision(s.bf16, s.fp16, s.pure_bf16, s.finetuning_type, estimated_device(device))
+    weight_bytes = s.dtype_bytes or (2 if precision.dtype == torch.bfloat16 else 4)
+    act_bytes = s.dtype_bytes or (2 if precision.bf16 or precision.fp16 else 4)
+    return weight_bytes, act_bytes
 
 
 def is_quantized(s: Settings) -> bool:
     return s.quantization_bit in (4, 8) and s.finetuning_type == "lora"
 
 
-def base_weight_bytes(shape: ModelShape, s: Settings, weight_bytes: int, cpu: bool, notes: list[str]) -> int:
+def base_weight_bytes(shape: ModelShape, s: Settings, weight_bytes: int, act_bytes: int, notes: list[str]) -> int:
     """The base model's parameters as kept: quantized linears (the rest in float32), or all in the weight dtype."""
     if is_quantized(s):
         # peft's prepare_model_for_kbit_training: every parameter bitsandbytes did not quantize (embeddings, norms,
@@ -253,9 +274,11 @@ def base_weight_bytes(shape: ModelShape, s: Settings, weight_bytes: int, cpu: bo
             )
         return other * 4 + quantized_linear_bytes(shape, s.quantization_bit, s.double_quantization)
     weights = shape.total_params * weight_bytes
-    if not cpu and s.fp16:
-        notes.append("fp16 autocast caches a float16 copy of the weights during the forward pass")
-        weights += shape.total_params * 2
+    if weight_bytes == 4 and act_bytes == 2:
+        # Autocast casts float32 weights to 16 bits for each matmul: trained weights once per step (cached), frozen
+        # ones per use; either copy is kept for the backward pass.
+        notes.append("16-bit autocast holds a 16-bit copy of the float32 linear weights during the step")
+        weights += shape.linear_params * 2
     return weights
 
 

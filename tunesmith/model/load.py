@@ -1,42 +1,13 @@
-"""Load a tokenizer and a causal language model, choosing the precision for the machine."""
+"""Load a tokenizer and a causal language model (in the dtype model/precision.py chose)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tunesmith.errors import ModelError
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How weights are stored and how the Trainer computes: float32 on a CPU, bfloat16 where a GPU has it."""
-
-    dtype: torch.dtype
-    bf16: bool
-    fp16: bool
-    note: str | None = None
-
-
-def choose_precision(bf16: bool, fp16: bool) -> Precision:
-    if not torch.cuda.is_available():
-        asked = "bf16" if bf16 else "fp16" if fp16 else None
-        note = (
-            f"{asked}: true needs a GPU; this machine has none, so training runs in float32 on the CPU"
-            if asked
-            else None
-        )
-        return Precision(torch.float32, bf16=False, fp16=False, note=note)
-    if fp16:
-        return Precision(torch.float32, bf16=False, fp16=True)
-    if torch.cuda.is_bf16_supported():
-        return Precision(torch.bfloat16, bf16=True, fp16=False)
-    return Precision(
-        torch.float32, bf16=False, fp16=True, note="this GPU has no bfloat16, so fp16 mixed precision is used"
-    )
 
 
 def load_tokenizer(model_dir: str, trust_remote_code: bool = False):

@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         raise NotSupportedYet(f"`stage: {config.method.stage}` is not supported yet; only `stage: sft` is built so far")
     for library in libraries_in_use(config):
         console.show_library_warnings(library)
+    if getattr(args, "as_program", False) and not args.print_config:
+        use_fast_cpu_allocator()  # before the launch, so that torchrun's processes inherit it
     plan = None if args.print_config else launch.plan_launch(config.train)
     if plan is not None:  # the launched processes print the config and train
         train_args = [a for a in (config_path, *overrides) if a is not None] + (["--verbose"] if args.verbose else [])
@@ -61,6 +63,16 @@ def libraries_in_use(config) -> list[str]:
     if config.train.deepspeed:
         used.append("DeepSpeed")
     return used
+
+
+def use_fast_cpu_allocator() -> None:
+    """On a CPU, run again with tcmalloc or jemalloc preloaded where installed (train/allocator.py)."""
+    import torch
+
+    from tunesmith.train.allocator import reexec_with_fast_allocator
+
+    if not torch.cuda.is_available():
+        reexec_with_fast_allocator()
 
 
 def print_config(config) -> None:

@@ -17,6 +17,7 @@ from tunesmith.config import SAVED_CONFIG_FILE, RunConfig, config_to_flat_dict
 from tunesmith.data import multimodal
 from tunesmith.data.collate import PackedBatches, PadToLongest
 from tunesmith.data.dataset import load_sft_data
+from tunesmith.data.length_groups import length_grouped_sampler
 from tunesmith.data.packing import pack_dataset
 from tunesmith.data.templates import use_chat_format
 from tunesmith.distributed import deepspeed, fsdp, process_group
@@ -41,12 +42,13 @@ from tunesmith.model.kernels import (
     choose_attention,
     load_with_unsloth,
 )
-from tunesmith.model.load import choose_precision, load_model, load_processor, load_tokenizer
+from tunesmith.model.load import load_model, load_processor, load_tokenizer
+from tunesmith.model.precision import choose_precision, upcast_trainable_parameters
 from tunesmith.model.quantize import check_cpu_4bit_shapes, prepare_for_kbit_training, quantization_for
 from tunesmith.model.resolve import resolve_model
 from tunesmith.patches import apply_fsdp_on_cpu_processes
 from tunesmith.train import callbacks
-from tunesmith.train.allocator import return_freed_memory_to_os
+from tunesmith.train.allocator import prepare_cpu_allocator, release_free_memory
 from tunesmith.train.checkpoints import (
     directory_names,
     prepare_output_dir,
@@ -54,6 +56,7 @@ from tunesmith.train.checkpoints import (
     run_fingerprint,
     write_fingerprint,
 )
+from tunesmith.train.threads import match_threads_to_cores
 from tunesmith.train.trainer import TunesmithTrainer
 
 PISSA_INIT_DIR = "pissa_init"  # the adapter as initialised, which the final PiSSA adapter is converted against
@@ -71,7 +74,8 @@ def run_sft(config: RunConfig) -> TrainResult:
     from transformers import set_seed
 
     if not torch.cuda.is_available():
-        return_freed_memory_to_os()  # resident memory then follows the live tensors (train/allocator.py)
+        print(prepare_cpu_allocator())  # resident memory follows the live tensors (train/allocator.py)
+        print(match_threads_to_cores())
     output_dir = Path(config.output.output_dir)
     fingerprint = run_fingerprint(config)
     # Nodes without a shared file system each keep what resuming needs in their own output_dir.
@@ -89,10 +93,12 @@ def run_sft(config: RunConfig) -> TrainResult:
     process_group.barrier()
     names_before = directory_names(output_dir)
     set_seed(config.train.seed)
-    precision = choose_precision(config.train.bf16, config.train.fp16)
+    train = config.train
+    precision = choose_precision(train.bf16, train.fp16, train.pure_bf16, config.method.finetuning_type)
+    print(f"precision: {precision.description}")
     if precision.note:
         print(f"note: {precision.note}")
-    attention = check_speed_paths(config, precision.dtype)  # a GPU-only key fails here, before any loading
+    attention = check_speed_paths(config, precision.compute_dtype)  # a GPU-only key fails here, before loading
     if config.model.adapter_name_or_path:  # a missing adapter, or a LoRA key it cannot honour, fails here too
         method = config.method
         explicit = {key: getattr(method, key) for key in LORA_SHAPE_KEYS if key in method.model_fields_set}
@@ -149,6 +155,8 @@ def run_sft(config: RunConfig) -> TrainResult:
         checkpointing = False  # Unsloth's get_peft_model set up its own; Trainer must not add a second one
     if checkpointing:
         let_inputs_carry_gradients(model)
+    if precision.upcast_trainable:
+        upcast_trainable_parameters(model)  # float32 master weights for what trains (model/precision.py)
     if config.train.torch_compile:
         compile_in_place(model, config.method.chunked_loss)
     trainable, total = count_parameters(model)
@@ -174,6 +182,7 @@ def run_sft(config: RunConfig) -> TrainResult:
 
     interrupt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.SaveOnInterrupt))
     result = trainer.train(resume_from_checkpoint=resume_from)
+    release_free_memory()  # what the allocator kept for the next step
     if interrupt.interrupted:
         if writes_run_files:
             record_finished_run(output_dir, fingerprint, names_before)
@@ -410,6 +419,10 @@ def build_trainer(
         loraplus_lr_ratio=config.method.loraplus_lr_ratio,
         loraplus_lr_embedding=config.method.loraplus_lr_embedding,
         offload_activations=checkpointing == "offload",
+        # grouped by the rows of one forward pass over all processes: the same order for any process count
+        train_sampler=length_grouped_sampler(
+            train.group_by_length, packing, data.train, train.per_device_train_batch_size * args.world_size, train.seed
+        ),
     )
     trainer.remove_callback(PrinterCallback)
     if fsdp_arguments:

@@ -1,4 +1,4 @@
-"""Transformers' `Trainer` with tunesmith's three changes, each switched by a config key and off otherwise.
+"""Transformers' `Trainer` with tunesmith's four changes, each switched by a config key.
 
 - `chunked_loss`: the training loss comes from `loss.chunked_causal_lm_loss` (no `[batch, seq, vocab]` logits),
   also under DDP and DeepSpeed, where the wrapper's own forward must run for its gradient hooks.
@@ -6,6 +6,7 @@
   `create_loraplus_optimizer` builds the groups; Trainer's optimizer class and arguments are kept).
 - `gradient_checkpointing: offload`: tensors saved for backward (with checkpointing: the layer inputs) are kept in
   CPU RAM during the step (`torch.autograd.graph.save_on_cpu`) and copied back when backward needs them.
+- `group_by_length` (on by default): the train set is read in `data.length_groups` order, seeded per epoch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+from torch.utils.data import Sampler
 from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutput
 
@@ -28,9 +30,11 @@ class TunesmithTrainer(Trainer):
         loraplus_lr_ratio: float | None = None,
         loraplus_lr_embedding: float = 1e-6,
         offload_activations: bool = False,
+        train_sampler: Sampler[int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.train_sampler = train_sampler  # None: Trainer's own (random) order
         self.chunked_loss = chunked_loss
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.loraplus_lr_embedding = loraplus_lr_embedding
@@ -57,6 +61,11 @@ class TunesmithTrainer(Trainer):
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
             value = value * (self.accelerator.num_processes // self.get_tp_size())
         return value
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.train_sampler is not None and (train_dataset is None or train_dataset is self.train_dataset):
+            return self.train_sampler
+        return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
         if self.loraplus_lr_ratio is None or self.optimizer is not None:
