@@ -71,18 +71,79 @@ class TrainResult:
 
 
 def run_sft(config: RunConfig) -> TrainResult:
+    """The recipe: output dir → precision → tokenizer → data → model + method → Trainer → train → save."""
     from transformers import set_seed
 
+    tune_cpu_process()
+    run_dir = prepare_run_dir(config)
+    set_seed(config.train.seed)
+    precision = announce_precision(config)
+    attention = check_before_loading(config, precision)  # a GPU-only key or a bad adapter fails before any loading
+
+    model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
+    processor = load_processor(model_dir, config.model.trust_remote_code)  # None: a text-only model
+    tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
+    chat_format = use_chat_format(tokenizer, config.data.template, processor)
+    media = multimodal.ModelMedia.of(config.model, processor)
+    # Data before weights: a bad row should fail in seconds, not after a model download.
+    data = prepare_data(config, tokenizer, chat_format.jinja, media)
+
+    model, checkpointing = prepare_model(config, model_dir, precision, attention)
+    trainer = build_trainer(
+        config, model, tokenizer, data, precision, run_dir.fingerprint, checkpointing, run_dir.shared
+    )
+    if media.takes_images:
+        trainer.data_collator = multimodal.MediaBatches(trainer.data_collator, media)  # pixel values join the batch
+    print_batch_plan(config, trainer, data.train_rows)
+    write_run_files(run_dir, config, trainer, model)
+
+    interrupt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.SaveOnInterrupt))
+    result = trainer.train(resume_from_checkpoint=run_dir.resume_from)
+    release_free_memory()  # what the allocator kept for the next step
+    if interrupt.interrupted:
+        run_dir.record_finished_run()
+        print(
+            f"Stopped at step {trainer.state.global_step}; checkpoint saved in {run_dir.path}. "
+            "Continue with resume_from_checkpoint=true."
+        )
+        return TrainResult(run_dir.path, trainer.state.global_step, None, interrupted=True)
+
+    save_final_outputs(trainer, tokenizer, processor, config, run_dir.path)
+    run_dir.record_finished_run()
+    print(f"Done: {trainer.state.global_step} steps, train loss {result.training_loss:.4f}. Output: {run_dir.path}")
+    return TrainResult(run_dir.path, trainer.state.global_step, result.training_loss, interrupted=False)
+
+
+def tune_cpu_process() -> None:
     if not torch.cuda.is_available():
         print(prepare_cpu_allocator())  # resident memory follows the live tensors (train/allocator.py)
         print(match_threads_to_cores())
-    output_dir = Path(config.output.output_dir)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The run's output_dir, as this process sees it."""
+
+    path: Path
+    fingerprint: dict
+    shared: bool  # False: nodes without a shared file system, each keeping what resuming needs in its own
+    writes_run_files: bool  # this process writes the fingerprint and resolved config here
+    resume_from: str | None
+    names_before: set[str]  # what was there before this run, which overwrite_output_dir must keep
+
+    def record_finished_run(self) -> None:
+        if self.writes_run_files:  # what overwrite_output_dir removes, and nothing else
+            record_finished_run(self.path, self.fingerprint, self.names_before)
+
+
+def prepare_run_dir(config: RunConfig) -> RunDir:
+    """Refuse another run's output_dir, clear it (overwrite_output_dir) or find the checkpoint to resume."""
+    path = Path(config.output.output_dir)
     fingerprint = run_fingerprint(config)
-    # Nodes without a shared file system each keep what resuming needs in their own output_dir.
-    output_dir_shared = process_group.output_dir_is_shared(output_dir)
-    writes_run_files = process_group.writes_run_files(output_dir_shared)
+    shared = process_group.output_dir_is_shared(path)
+    writes_run_files = process_group.writes_run_files(shared)
     resume_from = prepare_output_dir(
-        output_dir,
+        path,
         fingerprint,
         config.train.resume_from_checkpoint,
         config.output.overwrite_output_dir,
@@ -91,44 +152,47 @@ def run_sft(config: RunConfig) -> TrainResult:
     # Every rank checks the directory before this run's files are written into it; a slower rank would otherwise
     # find them and refuse the directory as one that "already holds this run".
     process_group.barrier()
-    names_before = directory_names(output_dir)
-    set_seed(config.train.seed)
-    train = config.train
-    precision = choose_precision(train.bf16, train.fp16, train.pure_bf16, config.method.finetuning_type)
+    return RunDir(path, fingerprint, shared, writes_run_files, resume_from, directory_names(path))
+
+
+def announce_precision(config: RunConfig):
+    precision = choose_precision(
+        config.train.bf16, config.train.fp16, config.train.pure_bf16, config.method.finetuning_type
+    )
     print(f"precision: {precision.description}")
     if precision.note:
         print(f"note: {precision.note}")
-    attention = check_speed_paths(config, precision.compute_dtype)  # a GPU-only key fails here, before loading
-    if config.model.adapter_name_or_path:  # a missing adapter, or a LoRA key it cannot honour, fails here too
+    return precision
+
+
+def check_before_loading(config: RunConfig, precision) -> str:
+    """Checks that need no weights; returns the attention implementation to load with."""
+    attention = check_speed_paths(config, precision.compute_dtype)
+    if config.model.adapter_name_or_path:  # a missing adapter, or a LoRA key it cannot honour
         method = config.method
         explicit = {key: getattr(method, key) for key in LORA_SHAPE_KEYS if key in method.model_fields_set}
         check_adapters_to_train(config.model.adapter_name_or_path, method.create_new_adapter, explicit)
+    return attention
 
-    model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
-    processor = load_processor(model_dir, config.model.trust_remote_code)  # None: a text-only model
-    tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
-    chat_format = use_chat_format(tokenizer, config.data.template, processor)
-    media = multimodal.ModelMedia.of(config.model, processor)
+
+def prepare_data(config: RunConfig, tokenizer, chat_template: str, media: multimodal.ModelMedia):
+    """The tokenized train (and eval) rows, packed when asked."""
     if config.data.packs:
         multimodal.refuse_packing(media)
-
-    # Data before weights: a bad row should fail in seconds, not after a model download.
-    data = load_sft_data(
-        config.data,
-        tokenizer,
-        chat_format.jinja,
-        config.train.seed,
-        cache_dir=config.model.cache_dir,
-        media=media,
-    )
+    seed = config.train.seed
+    data = load_sft_data(config.data, tokenizer, chat_template, seed, cache_dir=config.model.cache_dir, media=media)
     print(data.summary())
     if config.data.packs:
-        cutoff_len, seed = config.data.cutoff_len, config.train.seed
+        cutoff_len = config.data.cutoff_len
         packed_train, stats = pack_dataset(data.train, cutoff_len, seed)
         packed_eval = None if data.eval is None else pack_dataset(data.eval, cutoff_len, seed)[0]
         data = replace(data, train=packed_train, eval=packed_eval)
         print(stats.summary())
+    return data
 
+
+def prepare_model(config: RunConfig, model_dir: str, precision, attention: str):
+    """The model loaded, with the fine-tuning method applied; returns it and the checkpointing mode Trainer uses."""
     model_section = config.model
     quantization = quantization_for(
         model_dir,
@@ -164,35 +228,27 @@ def run_sft(config: RunConfig) -> TrainResult:
         f"method: {config.method.finetuning_type}; trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.2f}%)"
     )
+    return model, checkpointing
 
-    trainer = build_trainer(config, model, tokenizer, data, precision, fingerprint, checkpointing, output_dir_shared)
-    if media.takes_images:
-        trainer.data_collator = multimodal.MediaBatches(trainer.data_collator, media)  # pixel values join the batch
-    print_batch_plan(config, trainer, data.train_rows)
-    if writes_run_files:
-        if resume_from is None:
-            (output_dir / callbacks.METRICS_FILE).unlink(missing_ok=True)
+
+def write_run_files(run_dir: RunDir, config: RunConfig, trainer, model) -> None:
+    """The fingerprint and resolved config (before training, so a crash leaves them), and PiSSA's initial adapter."""
+    if run_dir.writes_run_files:
+        if run_dir.resume_from is None:
+            (run_dir.path / callbacks.METRICS_FILE).unlink(missing_ok=True)
         # Recorded before they exist, so that overwrite_output_dir finds them even after a crash.
         written = [SAVED_CONFIG_FILE, callbacks.METRICS_FILE, callbacks.LOSS_PLOT, PISSA_INIT_DIR]
-        write_fingerprint(output_dir, fingerprint, written)
-        (output_dir / SAVED_CONFIG_FILE).write_text(yaml.safe_dump(config_to_flat_dict(config), sort_keys=False))
-    if config.method.pissa_init and resume_from is None and trainer.is_world_process_zero():
+        write_fingerprint(run_dir.path, run_dir.fingerprint, written)
+        saved_config = yaml.safe_dump(config_to_flat_dict(config), sort_keys=False)
+        (run_dir.path / SAVED_CONFIG_FILE).write_text(saved_config)
+    if config.method.pissa_init and run_dir.resume_from is None and trainer.is_world_process_zero():
         # The adapter as initialised: the final one is saved relative to it, so it applies to the original base.
-        model.save_pretrained(output_dir / PISSA_INIT_DIR)
+        model.save_pretrained(run_dir.path / PISSA_INIT_DIR)
 
-    interrupt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.SaveOnInterrupt))
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    release_free_memory()  # what the allocator kept for the next step
-    if interrupt.interrupted:
-        if writes_run_files:
-            record_finished_run(output_dir, fingerprint, names_before)
-        print(
-            f"Stopped at step {trainer.state.global_step}; checkpoint saved in {output_dir}. "
-            "Continue with resume_from_checkpoint=true."
-        )
-        return TrainResult(output_dir, trainer.state.global_step, None, interrupted=True)
 
-    trainer.args.save_on_each_node = False  # the final model and the logs come from global rank 0 alone
+def save_final_outputs(trainer, tokenizer, processor, config: RunConfig, output_dir: Path) -> None:
+    """The model or adapter, tokenizer, processor and loss plot, from global rank 0 alone."""
+    trainer.args.save_on_each_node = False
     save_outputs(trainer, tokenizer, config, output_dir)
     if processor is not None and trainer.is_world_process_zero():
         processor.tokenizer = tokenizer  # saved with the run's chat template, beside the processor's own files
@@ -201,10 +257,6 @@ def run_sft(config: RunConfig) -> TrainResult:
         plot = callbacks.plot_loss(output_dir)
         if plot:
             print(f"loss plot: {plot}")
-    if writes_run_files:  # what overwrite_output_dir removes, and nothing else
-        record_finished_run(output_dir, fingerprint, names_before)
-    print(f"Done: {trainer.state.global_step} steps, train loss {result.training_loss:.4f}. Output: {output_dir}")
-    return TrainResult(output_dir, trainer.state.global_step, result.training_loss, interrupted=False)
 
 
 def apply_method(model, config: RunConfig, checkpointing: bool | str = False):
@@ -341,16 +393,58 @@ def build_trainer(
     checkpointing: bool | str,
     output_dir_shared: bool = True,
 ):
-    from transformers import PrinterCallback, TrainingArguments
+    from transformers import PrinterCallback
+
+    train = config.train
+    packing = config.data.packs
+    fsdp_arguments = fsdp.training_arguments(train.fsdp, train.fsdp_offload, train.fsdp_config, model)  # {}: none
+    if fsdp_arguments:
+        apply_fsdp_on_cpu_processes()  # accelerate 1.15 would drop FSDP on CPU processes and run DDP
+    args = training_arguments(config, model, data, precision, checkpointing, output_dir_shared, fsdp_arguments)
+    trainer = TunesmithTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=(
+            PackedBatches.for_model(tokenizer.pad_token_id, model) if packing else PadToLongest(tokenizer.pad_token_id)
+        ),
+        processing_class=tokenizer,
+        callbacks=[
+            callbacks.TokensPerSecond(),
+            callbacks.ProgressBar(),
+            callbacks.MetricsFile(Path(config.output.output_dir)),
+            callbacks.NonFiniteLossGuard(),
+            callbacks.SaveOnInterrupt(),
+            callbacks.FingerprintCheckpoints(fingerprint),
+        ],
+        # Liger's fused linear cross-entropy already avoids the full logits, inside the model's own forward
+        chunked_loss=config.method.chunked_loss and not config.model.enable_liger_kernel,
+        loraplus_lr_ratio=config.method.loraplus_lr_ratio,
+        loraplus_lr_embedding=config.method.loraplus_lr_embedding,
+        offload_activations=checkpointing == "offload",
+        # grouped by the rows of one forward pass over all processes: the same order for any process count
+        train_sampler=length_grouped_sampler(
+            train.group_by_length, packing, data.train, train.per_device_train_batch_size * args.world_size, train.seed
+        ),
+    )
+    trainer.remove_callback(PrinterCallback)
+    if fsdp_arguments:
+        trainer.add_callback(fsdp.ShardingCheck())  # fails the run unless the model really is sharded
+    return trainer
+
+
+def training_arguments(
+    config: RunConfig, model, data, precision, checkpointing: bool | str, output_dir_shared: bool, fsdp_arguments: dict
+):
+    """Trainer's arguments for this run: every key that Trainer itself implements is passed through here."""
+    from transformers import TrainingArguments
 
     train = config.train
     evaluate = data.eval is not None
     packing = config.data.packs
     eval_strategy = train.eval_strategy or ("steps" if evaluate else "no")
-    fsdp_arguments = fsdp.training_arguments(train.fsdp, train.fsdp_offload, train.fsdp_config, model)  # {}: none
-    if fsdp_arguments:
-        apply_fsdp_on_cpu_processes()  # accelerate 1.15 would drop FSDP on CPU processes and run DDP
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=config.output.output_dir,
         per_device_train_batch_size=train.per_device_train_batch_size,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
@@ -397,37 +491,6 @@ def build_trainer(
         use_liger_kernel=config.model.enable_liger_kernel,
         disable_tqdm=True,  # our ProgressBar replaces the default bar and the printed log dicts
     )
-    trainer = TunesmithTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        data_collator=(
-            PackedBatches.for_model(tokenizer.pad_token_id, model) if packing else PadToLongest(tokenizer.pad_token_id)
-        ),
-        processing_class=tokenizer,
-        callbacks=[
-            callbacks.TokensPerSecond(),
-            callbacks.ProgressBar(),
-            callbacks.MetricsFile(Path(config.output.output_dir)),
-            callbacks.NonFiniteLossGuard(),
-            callbacks.SaveOnInterrupt(),
-            callbacks.FingerprintCheckpoints(fingerprint),
-        ],
-        # Liger's fused linear cross-entropy already avoids the full logits, inside the model's own forward
-        chunked_loss=config.method.chunked_loss and not config.model.enable_liger_kernel,
-        loraplus_lr_ratio=config.method.loraplus_lr_ratio,
-        loraplus_lr_embedding=config.method.loraplus_lr_embedding,
-        offload_activations=checkpointing == "offload",
-        # grouped by the rows of one forward pass over all processes: the same order for any process count
-        train_sampler=length_grouped_sampler(
-            train.group_by_length, packing, data.train, train.per_device_train_batch_size * args.world_size, train.seed
-        ),
-    )
-    trainer.remove_callback(PrinterCallback)
-    if fsdp_arguments:
-        trainer.add_callback(fsdp.ShardingCheck())  # fails the run unless the model really is sharded
-    return trainer
 
 
 def print_batch_plan(config: RunConfig, trainer, rows: int | None) -> None:
