@@ -25,7 +25,9 @@ from typing import Any
 from tunesmith.paths import cache_root as tunesmith_cache
 
 META_FILE = "tunesmith_cache.json"
-CACHE_FORMAT = 2  # bump when an entry's layout or the encoding changes (2: answers tokenized apart, data specials)
+# bump when an entry's layout or the encoding changes (2: answers tokenized apart, data specials; 3: data specials
+# stay text with SentencePiece tokenizers too)
+CACHE_FORMAT = 3
 
 
 def cache_root(cache_dir: str | None) -> Path:

@@ -16,9 +16,13 @@ characters (`split_special_tokens`), so it cannot end a turn or move the label m
 row's strings is swapped for a private-use character while rendering, so the template's own markers are the only
 special tokens in the rendered text; the swapped text is tokenized with special tokens split.
 
-Both need a tokenizer that tokenizes text in pieces as it tokenizes the whole (byte-level BPE: GPT-2, Llama 3, Qwen,
-SmolLM2). A SentencePiece tokenizer that puts a space before the first piece of every text would put one before
-every piece, so it gets the whole text tokenized at once, labelled by character spans, as before.
+The boundary rule needs a tokenizer that tokenizes text in pieces as it tokenizes the whole (byte-level BPE: GPT-2,
+Llama 3, Qwen, SmolLM2). A SentencePiece tokenizer that puts a space before the first piece of every text (Llama 2,
+Mistral v0.1-0.3) would put one before every piece, so it gets the whole text tokenized at once, labelled by character
+spans: there an answer's first token may still be merged into the prompt (its inference prompt is not checked). Its
+special tokens are still the template's only: the swapped data text between two of the template's markers is
+tokenized as the whole text's tokenization treats that stretch, as a text of its own or as a continuation (after an
+anchor character that never merges, dropped), whichever reproduces the whole text's ids for the swapped stretch.
 
 With `mask_history` only the last assistant turn is trained: earlier turns are context, rendered as at inference
 (reasoning templates drop their thoughts: `preserve_thinking=False`). Otherwise every assistant turn is trained, and
@@ -104,8 +108,7 @@ def encode_conversation(
     mask_history: bool = False,
 ) -> Encoded:
     pieces = TextPieces(tokenizer)
-    if pieces.tokenizer_info.tokenizes_in_pieces:
-        messages, tools = pieces.escape((messages, tools))
+    messages, tools = pieces.escape((messages, tools))
     text, spans = assistant_spans(tokenizer, chat_template, messages, tools, mask_history)
     cuts = [0, len(text)]
     if pieces.tokenizer_info.tokenizes_in_pieces:  # each trained answer starts a piece of its own
@@ -154,6 +157,8 @@ def _plain_ids(tokenizer, text: str, split_special_tokens: bool = False) -> list
 
 # Supplementary Private Use Area-B: characters no tokenizer gives a meaning to, standing in for a special token's text.
 _PRIVATE_USE = range(0x10FFFD, 0x100000, -1)
+# A private-use character of another plane: unknown to every vocabulary, so no merge joins it to the text after it.
+_ANCHOR = chr(0xFFFFD)
 
 
 class TextPieces:
@@ -208,28 +213,49 @@ class TextPieces:
         # the template's markers are the only special tokens left in the piece; between them, the data's text
         result: list[tuple[int, int]] = []
         start = 0
+        stretch: list[tuple[int, int]] = []  # the tokens since the last marker, as the whole piece has them
         for token, (begin, end) in zip(*_ids_and_offsets(encoding), strict=True):
-            if token in self.tokenizer_info.special_ids:
-                result += [*self._text_tokens(piece, start, begin), (token, begin)]
-                start = end
-        return result + self._text_tokens(piece, start, len(piece))
+            # a marker; not an unknown-token id standing for a swapped character
+            if token in self.tokenizer_info.special_ids and piece[begin:end] not in self.literal:
+                result += [*self._text_tokens(piece, start, begin, stretch), (token, begin)]
+                start, stretch = end, []
+            else:
+                stretch.append((token, begin))
+        return result + self._text_tokens(piece, start, len(piece), stretch)
 
-    def _text_tokens(self, piece: str, start: int, end: int) -> list[tuple[int, int]]:
-        """piece[start:end] with the swapped texts restored, tokenized as plain text; offsets in the piece."""
+    def _text_tokens(self, piece: str, start: int, end: int, in_piece: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """piece[start:end] with the swapped texts restored, tokenized as plain text; offsets in the piece.
+
+        `in_piece` is how the whole piece tokenized the stretch: it tells whether the tokenizer treats a stretch
+        after a marker as a text of its own (SentencePiece's space before it or not) or as a continuation.
+        """
+        escaped = piece[start:end]
+        if not any(character in self.literal for character in escaped):
+            return in_piece
+        in_piece_ids = [token for token, _begin in in_piece]
+        continuing = next(
+            (mode for mode in (False, True) if [t for t, _ in self._plain(escaped, mode)] == in_piece_ids), None
+        )
+        if continuing is None:
+            raise RuntimeError(f"cannot reproduce how {type(self.tokenizer).__name__} tokenizes {escaped!r}")
         parts, origin = [], []
         for position in range(start, end):
             restored = self.literal.get(piece[position], piece[position])
             parts.append(restored)
             origin += [position] * len(restored)
-        text = "".join(parts)
-        if not text:
-            return []
-        encoding = self.tokenizer(
-            text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
-        )
         last = len(origin) - 1
+        return [(token, origin[min(begin, last)]) for token, begin in self._plain("".join(parts), continuing)]
+
+    def _plain(self, text: str, continuing: bool) -> list[tuple[int, int]]:
+        """Text tokenized with special tokens split: alone, or as the continuation of an anchor that never merges."""
+        anchor = _ANCHOR if continuing else ""
+        encoding = self.tokenizer(
+            anchor + text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+        )
         return [
-            (token, origin[min(begin, last)]) for token, (begin, _end) in zip(*_ids_and_offsets(encoding), strict=True)
+            (token, begin - len(anchor))
+            for token, (begin, _end) in zip(*_ids_and_offsets(encoding), strict=True)
+            if begin >= len(anchor)
         ]
 
 
