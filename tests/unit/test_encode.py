@@ -191,7 +191,7 @@ def sentencepiece_like():
     return tokenizer
 
 
-def test_a_tokenizer_that_adds_a_space_to_every_text_is_tokenized_whole(sentencepiece_like):
+def test_a_tokenizer_that_adds_a_space_to_every_text_gives_no_answer_that_space(sentencepiece_like):
     tokenizer = sentencepiece_like
     messages = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "the answer"}]
     encoded = encode_conversation(tokenizer, CHATML, messages, cutoff_len=100)
@@ -236,3 +236,31 @@ def test_typed_markers_train_like_their_escaped_twin_when_tokenized_whole(senten
     assert typed.input_ids.count(tokenizer.convert_tokens_to_ids("<|im_end|>")) == turns
     last_answer = SENTENCEPIECE_INJECTED[-1]["content"] + END
     assert trained_text(tokenizer, typed).endswith(last_answer)
+
+
+# a generation prompt that ends in text, so the answer's first characters can merge with the prompt's last ones
+TEXT_PROMPT = (
+    "{% for m in messages %}{% if m.role == 'user' %}<|im_start|>user\n{{ m.content }}<|im_end|>\n"
+    "{% else %}<|im_start|>assistant answers{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant answers{% endif %}"
+)
+
+
+@pytest.mark.parametrize("answer", [".\nhello", ".\n", " the world"])
+def test_a_sentencepiece_answer_is_trained_after_exactly_the_prompt_inference_sees(sentencepiece_like, answer):
+    tokenizer = sentencepiece_like  # its vocabulary has "▁answers.\n": whole, the text would merge across the boundary
+    messages = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": answer}]
+    encoded = encode_conversation(tokenizer, TEXT_PROMPT, messages, cutoff_len=100)
+    assert tokenizer.decode(encoded.input_ids) == tokenizer.apply_chat_template(
+        messages, chat_template=TEXT_PROMPT, tokenize=False
+    )
+    prompt_text = tokenizer.apply_chat_template(
+        messages[:1], chat_template=TEXT_PROMPT, tokenize=False, add_generation_prompt=True
+    )
+    prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids
+    assert encoded.input_ids[: len(prompt)] == prompt
+    assert encoded.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert encoded.labels[len(prompt) :] == encoded.input_ids[len(prompt) :]
+    # the pieces themselves: decoding would drop the leading space of the first one
+    trained = [token for token, label in zip(encoded.input_ids, encoded.labels, strict=True) if label >= 0]
+    assert "".join(tokenizer.convert_ids_to_tokens(trained)).replace("▁", " ") == answer + END

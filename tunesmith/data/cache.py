@@ -26,7 +26,7 @@ from tunesmith.paths import cache_root as tunesmith_cache
 
 META_FILE = "tunesmith_cache.json"
 # bump when an entry's layout or the encoding changes (2: answers tokenized apart, data specials; 3: data specials
-# stay text with SentencePiece tokenizers too)
+# stay text and answers are tokenized apart with SentencePiece tokenizers too)
 CACHE_FORMAT = 3
 
 

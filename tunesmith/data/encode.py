@@ -16,13 +16,13 @@ characters (`split_special_tokens`), so it cannot end a turn or move the label m
 row's strings is swapped for a private-use character while rendering, so the template's own markers are the only
 special tokens in the rendered text; the swapped text is tokenized with special tokens split.
 
-The boundary rule needs a tokenizer that tokenizes text in pieces as it tokenizes the whole (byte-level BPE: GPT-2,
-Llama 3, Qwen, SmolLM2). A SentencePiece tokenizer that puts a space before the first piece of every text (Llama 2,
-Mistral v0.1-0.3) would put one before every piece, so it gets the whole text tokenized at once, labelled by character
-spans: there an answer's first token may still be merged into the prompt (its inference prompt is not checked). Its
-special tokens are still the template's only: the swapped data text between two of the template's markers is
-tokenized as the whole text's tokenization treats that stretch, as a text of its own or as a continuation (after an
-anchor character that never merges, dropped), whichever reproduces the whole text's ids for the swapped stretch.
+A tokenizer that tokenizes text in pieces as it tokenizes the whole (byte-level BPE: GPT-2, Llama 3, Qwen, SmolLM2)
+needs nothing more. A SentencePiece tokenizer puts a space before the first piece of every text it is given (Llama 2,
+Mistral v0.1-0.3), so a piece that continues the text (an answer) is tokenized after an anchor: a character that no
+vocabulary knows, so that no merge joins it to what follows, dropped with the space given to it. Whether such a
+tokenizer also gives that space to the text after each special token differs (a legacy normalizer does, Metaspace
+"first" does not); a stretch of swapped data text between two markers is tokenized alone or after the anchor,
+whichever reproduces the ids the whole piece has for the stretch.
 
 With `mask_history` only the last assistant turn is trained: earlier turns are context, rendered as at inference
 (reasoning templates drop their thoughts: `preserve_thinking=False`). Otherwise every assistant turn is trained, and
@@ -110,14 +110,12 @@ def encode_conversation(
     pieces = TextPieces(tokenizer)
     messages, tools = pieces.escape((messages, tools))
     text, spans = assistant_spans(tokenizer, chat_template, messages, tools, mask_history)
-    cuts = [0, len(text)]
-    if pieces.tokenizer_info.tokenizes_in_pieces:  # each trained answer starts a piece of its own
-        cuts = [0, *(start for start, _end in spans if start > 0), len(text)]
+    cuts = [0, *(start for start, _end in spans if start > 0), len(text)]  # each trained answer starts a piece
     input_ids: list[int] = []
     labels: list[int] = []
     span_index = 0
     for piece_start, piece_end in itertools.pairwise(cuts):
-        for token_id, offset in pieces.tokens(text[piece_start:piece_end]):
+        for token_id, offset in pieces.tokens(text[piece_start:piece_end], continuing=piece_start > 0):
             start = piece_start + offset
             while span_index < len(spans) and start >= spans[span_index][1]:
                 span_index += 1
@@ -205,16 +203,21 @@ class TextPieces:
             escaped[text] = "".join([*parts, text[start:]])
         return _replace_strings(value, escaped)
 
-    def tokens(self, piece: str) -> list[tuple[int, int]]:
-        """Each token of a piece of the rendering with the offset in the piece where it starts."""
-        encoding = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+    def tokens(self, piece: str, continuing: bool = False) -> list[tuple[int, int]]:
+        """Each token of a piece of the rendering with the offset in the piece where it starts.
+
+        A piece `continuing` the text (an answer's) is tokenized as text that follows other text: a SentencePiece
+        tokenizer does not put its space before it. (A tokenizer that tokenizes in pieces needs no telling.)
+        """
+        continuing = continuing and not self.tokenizer_info.tokenizes_in_pieces
+        tokens = self._anchored(piece, continuing, split_special_tokens=False)
         if not any(character in piece for character in self.literal):
-            return [(token, begin) for token, (begin, _end) in zip(*_ids_and_offsets(encoding), strict=True)]
+            return [(token, begin) for token, begin, _end in tokens]
         # the template's markers are the only special tokens left in the piece; between them, the data's text
         result: list[tuple[int, int]] = []
         start = 0
         stretch: list[tuple[int, int]] = []  # the tokens since the last marker, as the whole piece has them
-        for token, (begin, end) in zip(*_ids_and_offsets(encoding), strict=True):
+        for token, begin, end in tokens:
             # a marker; not an unknown-token id standing for a swapped character
             if token in self.tokenizer_info.special_ids and piece[begin:end] not in self.literal:
                 result += [*self._text_tokens(piece, start, begin, stretch), (token, begin)]
@@ -234,7 +237,12 @@ class TextPieces:
             return in_piece
         in_piece_ids = [token for token, _begin in in_piece]
         continuing = next(
-            (mode for mode in (False, True) if [t for t, _ in self._plain(escaped, mode)] == in_piece_ids), None
+            (
+                mode
+                for mode in (False, True)
+                if [token for token, _b, _e in self._anchored(escaped, mode, split_special_tokens=True)] == in_piece_ids
+            ),
+            None,
         )
         if continuing is None:
             raise RuntimeError(f"cannot reproduce how {type(self.tokenizer).__name__} tokenizes {escaped!r}")
@@ -244,17 +252,21 @@ class TextPieces:
             parts.append(restored)
             origin += [position] * len(restored)
         last = len(origin) - 1
-        return [(token, origin[min(begin, last)]) for token, begin in self._plain("".join(parts), continuing)]
+        restored_tokens = self._anchored("".join(parts), continuing, split_special_tokens=True)
+        return [(token, origin[min(begin, last)]) for token, begin, _end in restored_tokens]
 
-    def _plain(self, text: str, continuing: bool) -> list[tuple[int, int]]:
-        """Text tokenized with special tokens split: alone, or as the continuation of an anchor that never merges."""
+    def _anchored(self, text: str, continuing: bool, split_special_tokens: bool) -> list[tuple[int, int, int]]:
+        """The tokens of a text with their spans in it: alone, or after an anchor that never merges (dropped)."""
         anchor = _ANCHOR if continuing else ""
         encoding = self.tokenizer(
-            anchor + text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+            anchor + text,
+            add_special_tokens=False,
+            split_special_tokens=split_special_tokens,
+            return_offsets_mapping=True,
         )
         return [
-            (token, begin - len(anchor))
-            for token, (begin, _end) in zip(*_ids_and_offsets(encoding), strict=True)
+            (token, begin - len(anchor), end - len(anchor))
+            for token, (begin, end) in zip(*_ids_and_offsets(encoding), strict=True)
             if begin >= len(anchor)
         ]
 
