@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("tunesmith.data.command", "check, preview or convert datasets with the same keys as train"),
     "chat": ("tunesmith.chat.command", "chat with a model or a trained adapter, streaming the reply"),
     "predict": ("tunesmith.evaluate.predict_command", "generate a reply for every row of a test file, with BLEU/ROUGE"),
+    "eval": ("tunesmith.evaluate.eval_command", "MMLU, C-Eval or CMMLU accuracy of a model or adapter"),
     "estimate": ("tunesmith.estimate.command", "predict a run's peak memory before loading anything"),
     "version": ("tunesmith.version_command", "print the versions of tunesmith and the libraries it uses"),
 }
