@@ -20,21 +20,6 @@ SUBJECTS = ["abstract_algebra", "anatomy"]
 LIMIT, N_SHOT = 12, 2
 
 
-@pytest.fixture(scope="module")
-def contextual_model_dir(tmp_path_factory, tiny_model_dir):
-    """The tiny model with large random weights, so that its answer depends on the question (with the usual small
-    initialisation it gives every question the same letter, and the comparison below would prove little)."""
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    config.initializer_range = 0.5
-    target = tmp_path_factory.mktemp("tiny-contextual")
-    torch.manual_seed(1)
-    LlamaForCausalLM(config).save_pretrained(target)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
-    return target
-
-
 def read_mmlu(subject: str, split: str) -> list[list[str]]:
     path = SHIPPED_TASK_DIR / "mmlu" / "data" / split / f"{subject}_{split}.csv"
     return list(csv.reader(path.open(encoding="utf-8")))
@@ -73,16 +58,16 @@ def one_at_a_time(model_dir, chat: bool) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("template", ["empty", None])
-def test_batched_accuracy_equals_one_question_at_a_time(contextual_model_dir, tmp_path, template):
+def test_batched_accuracy_equals_one_question_at_a_time(contextual_tiny_model_dir, tmp_path, template):
     save_dir = tmp_path / "results"
-    args = ["eval", "--model", str(contextual_model_dir), "--task", "mmlu_test", "--subjects", ",".join(SUBJECTS)]
+    args = ["eval", "--model", str(contextual_tiny_model_dir), "--task", "mmlu_test", "--subjects", ",".join(SUBJECTS)]
     args += ["--limit", str(LIMIT), "--n_shot", str(N_SHOT), "--batch_size", "5", "--save_dir", str(save_dir)]
     if template:
         args += ["--template", template]
     assert main(args) == 0
     results = json.loads((save_dir / "results.json").read_text())
 
-    expected = one_at_a_time(contextual_model_dir, chat=template is None)
+    expected = one_at_a_time(contextual_tiny_model_dir, chat=template is None)
     assert results["predictions"] == expected
     answers = {subject: [row[5] for row in read_mmlu(subject, "test")[:LIMIT]] for subject in SUBJECTS}
     hits = [p == a for s in SUBJECTS for p, a in zip(expected[s], answers[s], strict=True)]

@@ -72,6 +72,25 @@ def predict_data(tmp_path):
     return write_rows(tmp_path / "test.jsonl", rows)
 
 
+STOP_WORD = " Units"  # a token the contextual model generates in some rows, mid-reply
+
+
+@pytest.fixture(scope="module")
+def stopping_model_dir(contextual_tiny_model_dir, tmp_path_factory):
+    """The contextual tiny model with STOP_WORD's token as a second end-of-turn token, so rows stop at different
+    steps (a random model hardly ever generates its real end-of-turn token)."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    target = tmp_path_factory.mktemp("tiny-stopping") / "model"
+    shutil.copytree(contextual_tiny_model_dir, target)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    (stop_id,) = tokenizer.encode(STOP_WORD, add_special_tokens=False)
+    GenerationConfig(eos_token_id=[tokenizer.eos_token_id, stop_id]).save_pretrained(target)
+    return target
+
+
 def predict(tiny_model_dir, data, output, *overrides):
     config = load_predict_config(
         None,
@@ -89,10 +108,17 @@ def predict(tiny_model_dir, data, output, *overrides):
     return results, [json.loads(line) for line in lines]
 
 
-def test_batched_greedy_predict_equals_one_row_at_a_time(tiny_model_dir, predict_data, tmp_path):
+def test_batched_greedy_predict_equals_one_row_at_a_time(stopping_model_dir, predict_data, tmp_path):
+    tiny_model_dir = stopping_model_dir
     results_1, rows_1 = predict(tiny_model_dir, predict_data, tmp_path / "b1", "per_device_eval_batch_size=1")
     results_8, rows_8 = predict(tiny_model_dir, predict_data, tmp_path / "b8", "per_device_eval_batch_size=8")
     assert rows_1 == rows_8
+    predictions = [row["predict"] for row in rows_8]
+    assert len(set(predictions)) == len(predictions)  # the replies depend on the prompts
+    # some rows stopped early at the stop token (cut off, not shown), others ran to max_new_tokens
+    assert all(STOP_WORD not in prediction for prediction in predictions)
+    lengths = [len(prediction) for prediction in predictions]
+    assert min(lengths) < max(lengths) / 2
     assert [row["label"] for row in rows_8] == [f"answer {n}" if n != 3 else None for n in range(len(QUESTIONS))]
     assert all(QUESTIONS[n] in row["prompt"] for n, row in enumerate(rows_8))  # input order kept
     assert results_8["predict_scored_samples"] == len(QUESTIONS) - 1
@@ -124,7 +150,8 @@ def test_batched_greedy_predict_equals_one_row_at_a_time(tiny_model_dir, predict
     assert rows_8[1]["predict"] == expected
 
 
-def test_resume_predicts_only_the_missing_rows(tiny_model_dir, predict_data, tmp_path):
+def test_resume_predicts_only_the_missing_rows(contextual_tiny_model_dir, predict_data, tmp_path):
+    tiny_model_dir = contextual_tiny_model_dir
     _, full = predict(tiny_model_dir, predict_data, tmp_path / "full")
     output = tmp_path / "resumed"
     output.mkdir()
@@ -165,3 +192,14 @@ def test_cli_predicts_a_file_without_answers(tiny_model_dir, tmp_path, capsys):
     record = json.loads((output / "generated_predictions.jsonl").read_text(encoding="utf-8"))
     assert record["label"] is None and "秋雨移弦望" in record["prompt"]
     assert json.loads((output / "predict_results.json").read_text())["predict_scored_samples"] == 0
+
+
+def test_missing_metric_libraries_name_the_extra(monkeypatch):
+    import importlib.util
+
+    from tunesmith.evaluate.metrics import require_metric_libraries
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "jieba" else real_find_spec(name))
+    with pytest.raises(ConfigError, match=r"jieba.*tunesmith\[evaluate\]"):
+        require_metric_libraries()
