@@ -203,3 +203,15 @@ def test_missing_metric_libraries_name_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "jieba" else real_find_spec(name))
     with pytest.raises(ConfigError, match=r"jieba.*tunesmith\[evaluate\]"):
         require_metric_libraries()
+
+
+def test_example_predict_config_reads_the_identity_rows_with_their_placeholders_filled():
+    from tests.conftest import REPO
+    from tunesmith.evaluate.predict import read_prompt_rows
+
+    config = load_predict_config(REPO / "examples" / "predict" / "identity_lora_predict.yaml", ["name=N", "author=A"])
+    assert config.inference.model.adapter_name_or_path == ["outputs/identity_lora"]
+    assert not config.inference.generation.do_sample
+    rows = read_prompt_rows(config.predict)
+    assert len(rows) == config.predict.max_samples == 16
+    assert all(row.label and "{{" not in row.label for row in rows) and "N" in rows[0].label

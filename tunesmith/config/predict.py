@@ -27,6 +27,9 @@ class PredictSection(Section):
     dataset: list[str] = Field(default_factory=list, description="The same as eval_dataset (give one of the two).")
     dataset_dir: str = DataSection.model_fields["dataset_dir"]
     max_samples: int | None = Field(None, gt=0, description="Predict at most this many rows of each dataset.")
+    name: str | None = DataSection.model_fields["name"]
+    author: str | None = DataSection.model_fields["author"]
+    column_map: dict[str, str] | None = DataSection.model_fields["column_map"]
     cutoff_len: int = Field(
         2048, gt=0, description="Longest prompt in tokens; a longer one keeps its last cutoff_len tokens."
     )
@@ -41,6 +44,7 @@ class PredictSection(Section):
     predict_with_generate: bool = Field(True, description="Must be true: predictions are generated.")
 
     _split = field_validator("eval_dataset", "dataset", mode="before")(_split_list)
+    _column_map = field_validator("column_map", mode="before")(DataSection._column_map_from_text.__func__)
 
     @model_validator(mode="after")
     def _one_dataset_list(self) -> PredictSection:

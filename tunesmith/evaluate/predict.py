@@ -28,7 +28,7 @@ from tunesmith.chat.engine import ChatEngine, Message, load_chat_engine
 from tunesmith.config.inference import GenerationSection
 from tunesmith.config.predict import PredictConfig, PredictSection
 from tunesmith.data.dataset import RowReader
-from tunesmith.data.formats import row_to_example
+from tunesmith.data.formats import fill_example_placeholders, row_to_example
 from tunesmith.data.registry import resolve_datasets
 from tunesmith.data.selection import select_rows
 from tunesmith.errors import DataError, OutputDirError
@@ -104,7 +104,8 @@ def read_prompt_rows(settings: PredictSection) -> list[PromptRow]:
     """Every dataset's rows (its split slice, `num_samples`, then `max_samples`) as prompts with optional labels."""
     rows: list[PromptRow] = []
     for spec in resolve_datasets(settings.datasets, settings.dataset_dir):
-        reader = RowReader(spec, "sft", column_map=None, placeholders={})
+        column_map = settings.column_map if spec.from_path else None
+        reader = RowReader(spec, "sft", column_map, {"name": settings.name, "author": settings.author})
         source = iter(reader.rows())
         first = next(source, None)
         if first is None:
@@ -114,7 +115,7 @@ def read_prompt_rows(settings: PredictSection) -> list[PromptRow]:
             chain([first], source), spec.split, spec.entry.num_samples, settings.max_samples, settings.seed
         )
         for raw in selected:
-            messages = row_to_example(raw, fmt, "chat").messages
+            messages = fill_example_placeholders(row_to_example(raw, fmt, "chat"), reader.placeholders).messages
             label = None
             if messages[-1]["role"] == "assistant":
                 label, messages = messages[-1]["content"], messages[:-1]
