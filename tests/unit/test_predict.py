@@ -215,3 +215,11 @@ def test_example_predict_config_reads_the_identity_rows_with_their_placeholders_
     rows = read_prompt_rows(config.predict)
     assert len(rows) == config.predict.max_samples == 16
     assert all(row.label and "{{" not in row.label for row in rows) and "N" in rows[0].label
+
+
+def test_train_config_refuses_do_predict_and_names_the_predict_command():
+    from tunesmith.config.load import load_config
+    from tunesmith.errors import NotSupportedYet
+
+    with pytest.raises(NotSupportedYet, match="tunesmith predict"):
+        load_config(None, ["dataset=x", "do_predict=true", "predict_with_generate=true"])
