@@ -220,7 +220,7 @@ def score(records: list[dict[str, Any]]) -> dict[str, Any]:
         print("predict: no row has a label, so nothing is scored")
         return results
     means = mean_similarity(labelled)
-    results.update({f"predict_{name}": round(means[name], 4) for name in METRIC_NAMES})
+    results.update({f"predict_{name}": means[name] for name in METRIC_NAMES})  # unrounded, as LLaMA-Factory
     matches = [exact_match(prediction, label) for prediction, label in labelled]
     results["predict_exact_match"] = round(sum(matches) / len(matches), 4)
     return results
