@@ -217,9 +217,28 @@ def test_example_predict_config_reads_the_identity_rows_with_their_placeholders_
     assert all(row.label and "{{" not in row.label for row in rows) and "N" in rows[0].label
 
 
-def test_train_config_refuses_do_predict_and_names_the_predict_command():
+def test_do_predict_after_training_predicts_eval_dataset_with_the_trained_adapter(
+    tmp_path, tiny_model_dir, identity_data
+):
+    from tests.unit.test_train import train_args
     from tunesmith.config.load import load_config
-    from tunesmith.errors import NotSupportedYet
 
-    with pytest.raises(NotSupportedYet, match="tunesmith predict"):
-        load_config(None, ["dataset=x", "do_predict=true", "predict_with_generate=true"])
+    args = train_args(tmp_path, tiny_model_dir, identity_data, "eval_dataset=identity", "max_new_tokens=4")
+    assert main(args) == 2  # generation keys belong to `tunesmith predict`; train's predict uses the defaults
+    args = train_args(tmp_path, tiny_model_dir, identity_data, "eval_dataset=identity", "max_samples=3")
+    with pytest.raises(ConfigError, match="predict_with_generate"):
+        load_config(None, [*args[1:], "do_predict=true"])
+    assert main([*args, "do_predict=true", "predict_with_generate=true", "per_device_eval_batch_size=2"]) == 0
+    output = tmp_path / "out"
+    rows = [json.loads(line) for line in (output / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("Tunesmith" in row["label"] for row in rows)
+    results = json.loads((output / "predict_results.json").read_text())
+    assert results["predict_scored_samples"] == 3 and "predict_bleu-4" in results
+
+    from tunesmith.config.predict import predict_config_after_training
+
+    predict = predict_config_after_training(
+        load_config(None, [*args[1:], "do_predict=true", "predict_with_generate=true"])
+    )
+    assert predict.inference.model.adapter_name_or_path == [str(output)]
+    assert predict.inference.model.model_name_or_path == str(tiny_model_dir)

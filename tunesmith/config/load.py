@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from tunesmith.config.sections import SECTIONS, RunConfig
-from tunesmith.errors import ConfigError, NotSupportedYet
+from tunesmith.errors import ConfigError
 
 SAVED_CONFIG_FILE = "tunesmith_config.yaml"  # the resolved config, written beside every training output
 
@@ -48,13 +48,6 @@ IGNORED_KEYS: dict[str, str] = {
     "group_by_length": "transformers 5 removed it",
     "save_safetensors": "tunesmith always saves safetensors",
     "no_cuda": "tunesmith picks the device itself",
-}
-
-# LLaMA-Factory train keys whose work another tunesmith command does; refused with the command to run.
-OTHER_COMMAND_KEYS: dict[str, str] = {
-    key: "predicting after training is not built into `train` yet; after training run `tunesmith predict` with "
-    "model_name_or_path, adapter_name_or_path (the output_dir), eval_dataset and output_dir"
-    for key in ("do_predict", "predict_with_generate")
 }
 
 NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -162,8 +155,6 @@ def build_config(values: Mapping[str, Any]) -> RunConfig:
         if key in IGNORED_KEYS:
             print(f"note: ignoring `{key}` ({IGNORED_KEYS[key]})")
             continue
-        if key in OTHER_COMMAND_KEYS:
-            raise NotSupportedYet(f"`{key}`: {OTHER_COMMAND_KEYS[key]}")
         if key not in KEY_TO_SECTION:
             raise ConfigError(f"unknown config key `{key}`{suggest(key)}")
         by_section[KEY_TO_SECTION[key]][key] = value

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunesmith.config.inference import InferenceConfig, _flat, build_inference_config
 from tunesmith.config.load import describe_validation_error, parse_overrides, read_yaml
-from tunesmith.config.sections import DataSection, Section, _split_list
-from tunesmith.errors import ConfigError
+from tunesmith.config.sections import DataSection, RunConfig, Section, _split_list
+from tunesmith.errors import ConfigError, NotSupportedYet
 
 
 class PredictSection(Section):
@@ -102,4 +102,48 @@ def load_predict_config(path: str | Path | None = None, overrides: Iterable[str]
     """A YAML file (optional), then `key=value` overrides; validated before any model loads."""
     values = _flat(read_yaml(path)) if path is not None else {}
     values.update(_flat(parse_overrides(overrides)))
+    return build_predict_config(values)
+
+
+# Model keys a trained model is loaded with again for predict (the others only concern training).
+RELOADED_MODEL_KEYS = ("cache_dir", "trust_remote_code", "quantization_bit", "quantization_type", "double_quantization")
+
+
+def predict_config_after_training(run: RunConfig) -> PredictConfig:
+    """`do_predict: true` in a train config: predict eval_dataset with the model just trained in output_dir.
+
+    A LoRA run's adapter goes on its base model (quantized as in training); a full or freeze run's output_dir is the
+    model. Predictions and scores are written to output_dir, as LLaMA-Factory writes them. Called before training,
+    so that a config that cannot predict fails before any weight loads.
+    """
+    if not run.data.eval_dataset:
+        raise ConfigError(
+            "`do_predict: true` predicts the rows of eval_dataset; set eval_dataset (val_size's held-out rows are "
+            "not predicted yet)"
+        )
+    if run.model.adapter_name_or_path:
+        raise NotSupportedYet(
+            "`do_predict: true` with adapter_name_or_path: the trained adapter sits on top of the given ones; run "
+            "`tunesmith predict` with adapter_name_or_path listing them and the output_dir"
+        )
+    values: dict[str, Any] = {key: getattr(run.model, key) for key in RELOADED_MODEL_KEYS}
+    if run.method.finetuning_type == "lora":
+        values.update(model_name_or_path=run.model.model_name_or_path, adapter_name_or_path=run.output.output_dir)
+    else:
+        values.update(model_name_or_path=run.output.output_dir, finetuning_type=run.method.finetuning_type)
+    if run.data.template is not None:
+        values["template"] = run.data.template
+    values.update(
+        eval_dataset=run.data.eval_dataset,
+        dataset_dir=run.data.dataset_dir,
+        max_samples=run.data.max_samples,
+        cutoff_len=run.data.cutoff_len,
+        name=run.data.name,
+        author=run.data.author,
+        column_map=run.data.column_map,
+        per_device_eval_batch_size=run.train.per_device_eval_batch_size,
+        output_dir=run.output.output_dir,
+        overwrite_output_dir=True,  # predictions of the model just trained, never an earlier run's
+        seed=run.train.seed,
+    )
     return build_predict_config(values)
