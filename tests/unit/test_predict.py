@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from unittest import mock
 
 import pytest
 
@@ -158,8 +159,22 @@ def test_resume_predicts_only_the_missing_rows(contextual_tiny_model_dir, predic
     # an interrupted run: rows 0 and 5 done (row 5 marked so a re-generation would show), a half-written last line
     done = [{"index": 0, **full[0]}, {"index": 5, **full[5], "predict": "KEPT FROM THE FIRST RUN"}]
     (output / PARTIAL_FILE).write_text("".join(json.dumps(r) + "\n" for r in done) + '{"index": 7, "pro')
+    # a second crash, after one more batch: the file holds whole lines only, the first run's rows and the new batch
+    from tunesmith.evaluate import predict as predict_module
+
+    real_batches = predict_module.generate_batches
+
+    def crash_after_one_batch(*args, **kwargs):
+        yield next(real_batches(*args, **kwargs))
+        raise KeyboardInterrupt
+
+    with mock.patch.object(predict_module, "generate_batches", crash_after_one_batch), pytest.raises(KeyboardInterrupt):
+        predict(tiny_model_dir, predict_data, output, "per_device_eval_batch_size=3")
+    saved = [json.loads(line) for line in (output / PARTIAL_FILE).read_text().splitlines()]
+    assert [record["index"] for record in saved][:2] == [0, 5] and len(saved) == 2 + 3
+
     results, rows = predict(tiny_model_dir, predict_data, output)
-    assert results["predict_generated_samples"] == len(QUESTIONS) - 2
+    assert results["predict_generated_samples"] == len(QUESTIONS) - 5
     assert rows[5]["predict"] == "KEPT FROM THE FIRST RUN"
     assert [row for n, row in enumerate(rows) if n != 5] == [row for n, row in enumerate(full) if n != 5]
     assert not (output / PARTIAL_FILE).exists()

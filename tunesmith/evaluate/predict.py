@@ -66,6 +66,8 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     todo = [index for index in range(len(rows)) if index not in done]
     if done:
         print(f"predict: resuming, {len(done)} of {len(rows)} rows already in {partial}")
+        # rewritten whole, so that a line cut short by the crash does not run into the lines appended next
+        write_jsonl(partial, [{"index": index, **record} for index, record in done.items()])
 
     torch.manual_seed(settings.seed)
     started = time.perf_counter()
