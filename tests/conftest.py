@@ -64,6 +64,22 @@ def wide_tiny_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def contextual_tiny_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model with large random weights, so that what it predicts depends on the prompt (with the usual small
+    initialisation it gives every prompt the same next token, and comparisons of outputs would prove little)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.5
+    target = tmp_path_factory.mktemp("tiny-llama-contextual")
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(target)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
+    return target
+
+
 @pytest.fixture
 def identity_data(tmp_path) -> Path:
     """A dataset_dir with LLaMA-Factory's identity.json and alpaca_en_demo.json and their registry."""

@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("tunesmith.chat.command", "chat with a model or a trained adapter, streaming the reply"),
     "export": ("tunesmith.export.command", "merge adapters and write safetensors shards, GGUF and a Modelfile"),
     "serve": ("tunesmith.serve.command", "an OpenAI-compatible API over a model: tunesmith serve CONFIG.yaml"),
+    "predict": ("tunesmith.evaluate.predict_command", "generate a reply for every row of a test file, with BLEU/ROUGE"),
+    "eval": ("tunesmith.evaluate.eval_command", "MMLU, C-Eval or CMMLU accuracy of a model or adapter"),
     "estimate": ("tunesmith.estimate.command", "predict a run's peak memory before loading anything"),
     "version": ("tunesmith.version_command", "print the versions of tunesmith and the libraries it uses"),
 }

@@ -582,6 +582,18 @@ class OutputSection(Section):
         False, description="Delete checkpoints already in output_dir and start over (default: refuse)."
     )
     plot_loss: bool = Field(True, description="Draw training_loss.png at the end.")
+    do_predict: bool = Field(
+        False,
+        description="After training, generate a reply for every row of eval_dataset with the trained model and score "
+        "them into output_dir (what `tunesmith predict` does); needs predict_with_generate: true.",
+    )
+    predict_with_generate: bool = Field(False, description="With do_predict: predictions are generated (required).")
+
+    @model_validator(mode="after")
+    def _predict_generates(self) -> OutputSection:
+        if self.do_predict and not self.predict_with_generate:
+            raise ValueError("`do_predict: true` needs `predict_with_generate: true` to save model predictions")
+        return self
 
 
 class RunConfig(BaseModel):

@@ -122,6 +122,7 @@ class RowFormat:
     tags: ShareGPTTags = ShareGPTTags()
     ranking: bool = False  # preference pairs: chosen and rejected answers
     media_dirs: tuple[Path, ...] = ()  # where relative image/video/audio paths are looked up, in order
+    answer_optional: bool = False  # predict: an alpaca row without an answer is a prompt to complete
 
 
 @dataclass
@@ -214,7 +215,9 @@ def _alpaca(row: Row, fmt: RowFormat) -> Example:
     hint = "every alpaca row needs the answer"
     if columns.text and columns.text in row.data and (columns.response or "") not in row.data:
         hint += " (rows with a `text` column are pre-training text: use `stage: pt`)"
-    messages.append({"role": "assistant", "content": _text(row, columns.response, required=True, hint=hint)})
+    answer = _text(row, columns.response, required=not fmt.answer_optional, hint=hint)
+    if answer:
+        messages.append({"role": "assistant", "content": answer})
     return Example(row.where(), messages)
 
 

@@ -7,9 +7,12 @@ torchrun as `-m tunesmith.train` with the same arguments; each launched process 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 from tunesmith import console
 from tunesmith.config import config_to_flat_dict, load_config
+from tunesmith.config.predict import predict_config_after_training
 from tunesmith.config.sections import SECTIONS
 from tunesmith.distributed import launch, process_group
 from tunesmith.errors import NotSupportedYet
@@ -46,13 +49,20 @@ def run(args: argparse.Namespace) -> int:
     print_config(config)
     if args.print_config:
         return 0
+    predict_config = predict_config_after_training(config) if config.output.do_predict else None
 
     from tunesmith.train.sft import run_sft
 
     result = run_sft(config)
     if in_torchrun:
         process_group.leave()
-    return 130 if result.interrupted else 0
+    if result.interrupted:
+        return 130
+    if predict_config is not None and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0, after the others
+        from tunesmith.evaluate.predict import run_predict
+
+        print(json.dumps(run_predict(predict_config), indent=2))
+    return 0
 
 
 def libraries_in_use(config) -> list[str]:

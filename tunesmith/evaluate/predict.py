@@ -1,0 +1,240 @@
+"""Predict: generate a reply for every row of a test file, write them beside the references, and score them.
+
+The rows are read as training reads them (data/registry.py, data/formats.py); a row's last assistant message is its
+label, the messages before it the prompt, and a row without an answer (the Tang test file) is predicted and left
+unscored. Generation is batched: prompts are sorted by length (so a batch wastes little on padding), left-padded,
+generated with the KV cache, and each row is cut at its first end-of-turn token.
+
+Progress is appended to `generated_predictions.partial.jsonl` after every batch (in generation order, each line
+with its row index), so a crash loses at most one batch and a rerun resumes from it. When every row is done,
+`generated_predictions.jsonl` is written in input order as LLaMA-Factory writes it (`prompt`, `predict`, `label`),
+then `predict_results.json` (BLEU-4 / ROUGE as LLaMA-Factory computes them, evaluate/metrics.py, plus exact match
+and speed) and `predictions.md`, a table to read.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.chat.engine import ChatEngine, Message, load_chat_engine
+from tunesmith.config.inference import GenerationSection
+from tunesmith.config.predict import PredictConfig, PredictSection
+from tunesmith.data.dataset import RowReader
+from tunesmith.data.formats import fill_example_placeholders, row_to_example
+from tunesmith.data.registry import resolve_datasets
+from tunesmith.data.selection import select_rows
+from tunesmith.errors import DataError, OutputDirError
+from tunesmith.evaluate.metrics import METRIC_NAMES, exact_match, mean_similarity, require_metric_libraries
+
+PREDICTIONS_FILE = "generated_predictions.jsonl"
+PARTIAL_FILE = "generated_predictions.partial.jsonl"
+RESULTS_FILE = "predict_results.json"
+TABLE_FILE = "predictions.md"
+
+
+@dataclass
+class PromptRow:
+    messages: list[Message]  # the conversation up to the reply to generate
+    label: str | None  # the reference reply; None when the row has none
+
+
+def run_predict(config: PredictConfig) -> dict[str, Any]:
+    """Predict every row, resuming from output_dir; returns the results written to predict_results.json."""
+    require_metric_libraries()
+    settings, inference = config.predict, config.inference
+    output = Path(settings.output_dir)
+    rows = read_prompt_rows(settings)
+    engine = load_chat_engine(
+        inference.model, inference.prompt.template, inference.engine.infer_dtype, inference.prompt.enable_thinking
+    )
+    system = inference.prompt.default_system
+    prompts = [encode_prompt(engine, with_system(row.messages, system), settings.cutoff_len) for row in rows]
+
+    output.mkdir(parents=True, exist_ok=True)
+    partial = output / PARTIAL_FILE
+    if settings.overwrite_output_dir:
+        partial.unlink(missing_ok=True)
+    done = read_partial(partial, len(rows))
+    todo = [index for index in range(len(rows)) if index not in done]
+    if done:
+        print(f"predict: resuming, {len(done)} of {len(rows)} rows already in {partial}")
+        # rewritten whole, so that a line cut short by the crash does not run into the lines appended next
+        write_jsonl(partial, [{"index": index, **record} for index, record in done.items()])
+
+    torch.manual_seed(settings.seed)
+    started = time.perf_counter()
+    with partial.open("a", encoding="utf-8") as sink:
+        for indices, replies in generate_batches(
+            engine, prompts, todo, settings.per_device_eval_batch_size, inference.generation
+        ):
+            for index, reply in zip(indices, replies, strict=True):
+                record = {
+                    "prompt": engine.tokenizer.decode(prompts[index]),
+                    "predict": reply,
+                    "label": rows[index].label,
+                }
+                done[index] = record
+                sink.write(json.dumps({"index": index, **record}, ensure_ascii=False) + "\n")
+            sink.flush()
+            print(f"predict: {len(done)}/{len(rows)} rows")
+    seconds = time.perf_counter() - started
+
+    records = [done[index] for index in range(len(rows))]
+    write_jsonl(output / PREDICTIONS_FILE, records)
+    results = score(records)
+    results.update(
+        predict_samples=len(records),
+        predict_generated_samples=len(todo),
+        predict_runtime=round(seconds, 4),
+        predict_samples_per_second=round(len(todo) / seconds, 4) if todo and seconds > 0 else None,
+    )
+    (output / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (output / TABLE_FILE).write_text(markdown_table(records), encoding="utf-8")
+    partial.unlink()
+    return results
+
+
+def read_prompt_rows(settings: PredictSection) -> list[PromptRow]:
+    """Every dataset's rows (its split slice, `num_samples`, then `max_samples`) as prompts with optional labels."""
+    rows: list[PromptRow] = []
+    for spec in resolve_datasets(settings.datasets, settings.dataset_dir):
+        column_map = settings.column_map if spec.from_path else None
+        reader = RowReader(spec, "sft", column_map, {"name": settings.name, "author": settings.author})
+        source = iter(reader.rows())
+        first = next(source, None)
+        if first is None:
+            raise DataError(f"dataset {spec.name!r} ({spec.source}) has no rows")
+        fmt = replace(reader.row_format(first, "chat"), answer_optional=True)
+        selected = select_rows(
+            chain([first], source), spec.split, spec.entry.num_samples, settings.max_samples, settings.seed
+        )
+        for raw in selected:
+            messages = fill_example_placeholders(row_to_example(raw, fmt, "chat"), reader.placeholders).messages
+            label = None
+            if messages[-1]["role"] == "assistant":
+                label, messages = messages[-1]["content"], messages[:-1]
+            rows.append(PromptRow(messages, label))
+    return rows
+
+
+def with_system(messages: list[Message], system: str | None) -> list[Message]:
+    if system and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def encode_prompt(engine: ChatEngine, messages: list[Message], cutoff_len: int) -> list[int]:
+    """The prompt's token ids (ending with the assistant header); a long one keeps its last cutoff_len tokens."""
+    ids = engine.tokenizer(engine.render(messages), add_special_tokens=False)["input_ids"]
+    return ids[-cutoff_len:]
+
+
+def generate_batches(
+    engine: ChatEngine, prompts: list[list[int]], todo: list[int], batch_size: int, options: GenerationSection
+) -> Iterator[tuple[list[int], list[str]]]:
+    """(row indices, replies) per batch; rows longest first, so a batch holds prompts of similar length."""
+    order = sorted(todo, key=lambda index: len(prompts[index]), reverse=True)
+    stop_ids = engine.stop_token_ids()
+    pad_id = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else stop_ids[0]
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        input_ids, attention_mask = left_padded([prompts[index] for index in indices], pad_id)
+        with torch.inference_mode():
+            output = engine.model.generate(
+                input_ids=input_ids.to(engine.device),
+                attention_mask=attention_mask.to(engine.device),
+                **options.generate_kwargs(),
+                eos_token_id=stop_ids,
+                pad_token_id=pad_id,
+                use_cache=True,
+            )
+        new_tokens = output[:, input_ids.shape[1] :].tolist()
+        replies = [
+            engine.tokenizer.decode(until_stop(tokens, stop_ids), skip_special_tokens=options.skip_special_tokens)
+            for tokens in new_tokens
+        ]
+        yield indices, replies
+
+
+def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch padded on the left, so every row's next token comes right after its prompt."""
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, width - len(sequence) :] = 1
+    return input_ids, attention_mask
+
+
+def until_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
+    """The generated tokens before the first end-of-turn token (after it, a finished row holds only padding)."""
+    for position, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[:position]
+    return tokens
+
+
+def read_partial(path: Path, total: int) -> dict[int, dict[str, Any]]:
+    """Rows finished by an earlier, interrupted run; a last line cut short by the crash is dropped."""
+    done: dict[int, dict[str, Any]] = {}
+    if not path.is_file():
+        return done
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the line being written when the run stopped
+                break
+            raise OutputDirError(
+                f"{path} line {number} is not JSON; remove the file (or set overwrite_output_dir: true) to start over"
+            ) from None
+        index = record.pop("index")
+        if not 0 <= index < total:
+            raise OutputDirError(
+                f"{path} holds row {index}, but the data has {total} rows: it belongs to another dataset; remove it "
+                "or set overwrite_output_dir: true"
+            )
+        done[index] = record
+    return done
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    temporary.replace(path)
+
+
+def score(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """LLaMA-Factory's predict_* scores over the rows that have a label, plus exact match."""
+    labelled = [(record["predict"], record["label"]) for record in records if record["label"] is not None]
+    results: dict[str, Any] = {"predict_scored_samples": len(labelled)}
+    if not labelled:
+        print("predict: no row has a label, so nothing is scored")
+        return results
+    means = mean_similarity(labelled)
+    results.update({f"predict_{name}": means[name] for name in METRIC_NAMES})  # unrounded, as LLaMA-Factory
+    matches = [exact_match(prediction, label) for prediction, label in labelled]
+    results["predict_exact_match"] = round(sum(matches) / len(matches), 4)
+    return results
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    lines = ["| # | prompt | label | prediction |", "|---|---|---|---|"]
+    for number, record in enumerate(records, start=1):
+        cells = [record["prompt"], record["label"] if record["label"] is not None else "", record["predict"]]
+        lines.append(f"| {number} | " + " | ".join(_cell(text) for text in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
