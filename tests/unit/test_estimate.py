@@ -145,7 +145,7 @@ def test_gpt2_and_bloom_shapes_come_from_their_attribute_map(config_class, base)
 def test_expert_counts_move_weights_and_activations_as_they_should():
     """All experts' weights are kept; only the active ones' activations (and compute) grow with the tokens."""
     mixtral = TINY | {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2}
-    settings = Settings(finetuning_type="full", optim="sgd", batch_size=2, seq_len=64)
+    settings = Settings(finetuning_type="full", optim="sgd", batch_size=2, seq_len=64, bf16=False)  # float32 bytes
     base = estimate(ModelShape.from_config(mixtral), settings, device="cpu")
     more = estimate(ModelShape.from_config(mixtral | {"num_local_experts": 8}), settings, device="cpu")
     busier = estimate(ModelShape.from_config(mixtral | {"num_experts_per_tok": 4}), settings, device="cpu")
@@ -293,9 +293,9 @@ def run_estimate(*keys: str, device: str = "cpu", checkpointing: bool | str = Fa
 
 def test_the_peak_adds_up_its_terms():
     """Runtime + weights + optimizer state + the larger of the forward/backward pass and the optimizer step."""
-    lora = run_estimate()
+    lora = run_estimate("bf16=false")  # float32 on a CPU (CPU bf16 autocast: tests/unit/test_precision.py)
     assert lora.runtime == CPU_RUNTIME_BYTES
-    assert lora.weights == 4 * 134_515_008  # float32 on a CPU
+    assert lora.weights == 4 * 134_515_008
     # LoRA r=8 on every linear layer of 30 layers, float32 (hidden 576, q 576, k/v 192, intermediate 1536)
     adapter = 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
     assert lora.trainable == lora.gradients == 4 * adapter
@@ -303,7 +303,7 @@ def test_the_peak_adds_up_its_terms():
     assert lora.activations + lora.logits > lora.gradients  # LoRA's peak is in the forward/backward pass
     assert lora.total_bytes == CPU_RUNTIME_BYTES + 4 * 134_515_008 + 3 * 4 * adapter + lora.activations + lora.logits
 
-    full = run_estimate("finetuning_type=full", "per_device_train_batch_size=1", "cutoff_len=16")
+    full = run_estimate("bf16=false", "finetuning_type=full", "per_device_train_batch_size=1", "cutoff_len=16")
     assert full.gradients > full.activations + full.logits  # full fine-tuning's peak is at the optimizer step
     largest = 4 * 49152 * 576  # the embedding: AdamW on a CPU goes tensor by tensor, two temporaries of it
     assert full.total_bytes == full.runtime + full.weights + full.optimizer + full.gradients + 2 * largest
