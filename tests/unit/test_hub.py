@@ -170,4 +170,7 @@ def test_train_reads_the_data_before_a_hub_model_s_weights(tmp_path, tiny_model_
     assert main(["data", "check", f"model_name_or_path={HUB_ID}", f"dataset={rows}"]) != 0
     printed = capsys.readouterr()
     shown = printed.out + printed.err
-    assert shown.count("field `instruction`: missing or empty") >= 2 and "weights" not in shown, shown[-2000:]
+    assert shown.count("field `instruction`: missing or empty") >= 2, shown[-2000:]
+    errors = [line for line in shown.splitlines() if line.startswith("error:")]
+    assert errors and all("field `instruction`: missing or empty" in line for line in errors), shown[-2000:]
+    assert "safetensors" not in shown and "download" not in shown.lower(), shown[-2000:]
