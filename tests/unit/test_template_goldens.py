@@ -17,6 +17,7 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 from tests.conftest import REPO
+from tests.unit.test_templates import TOOLS  # the same tool definitions the rendering tests use
 from tunesmith.data.templates import TEMPLATES, find_template
 from tunesmith.data.templates.jinja_source import TEMPLATE_DIR
 
@@ -25,23 +26,6 @@ GOLDEN = FIXTURES / "golden"
 TEMPLATE_FILES = ["zephyr.yaml", "reasoner.json", "inst_first.yaml", "handoff.yaml", "header.json"]
 TEMPLATE_FILES += [f"alpaca_lora/{name}" for name in ("alpaca.json", "alpaca_legacy.json", "alpaca_short.json")]
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "search_recipes",
-            "description": "Search for recipes by ingredients",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "ingredients": {"type": "array", "items": {"type": "string"}, "description": "What to use"},
-                    "diet": {"type": "string", "enum": ["vegan", "none"], "description": "A diet"},
-                },
-                "required": ["ingredients"],
-            },
-        },
-    }
-]
 BARE_TOOLS = [{"name": "get_time", "description": "The time now", "parameters": {"type": "object", "properties": {}}}]
 CALL = {"type": "function", "function": {"name": "search_recipes", "arguments": {"ingredients": ["rice"]}}}
 STRING_CALL = {"function": {"name": "get_time", "arguments": "{}"}}
