@@ -17,7 +17,7 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 from tests.conftest import REPO
-from tests.unit.test_templates import TOOLS  # the same tool definitions the rendering tests use
+from tests.unit.test_templates import THOUGHTFUL, TOOLS  # the same conversations and tools the rendering tests use
 from tunesmith.data.templates import TEMPLATES, find_template
 from tunesmith.data.templates.jinja_source import TEMPLATE_DIR
 
@@ -35,14 +35,6 @@ TWO_TURNS = [
     {"role": "assistant", "content": "A1"},
     {"role": "user", "content": "U2"},
     {"role": "assistant", "content": "A2"},
-]
-THOUGHTFUL = [
-    {"role": "user", "content": "U1"},
-    {"role": "assistant", "content": "<think>\nT1\n</think>\n\nA1"},
-    {"role": "user", "content": "U2"},
-    {"role": "assistant", "content": "A2", "reasoning_content": "T2"},
-    {"role": "user", "content": "U3"},
-    {"role": "assistant", "content": "A3"},
 ]
 TOOL_TURNS = [
     {"role": "user", "content": "Find a recipe"},
