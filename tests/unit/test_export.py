@@ -406,3 +406,105 @@ def test_unknown_pre_tokenizer_is_refused_before_work(tiny_model_dir, tmp_path, 
     with pytest.raises(ModelError, match="pre-tokenizer is not one llama"):
         run_export(f"model_name_or_path={tiny_model_dir}", f"export_dir={tmp_path / 'out'}", "export_gguf=q8_0")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def sentencepiece_style_tokenizer(target: Path, llama2: bool = False) -> Path:
+    """A tiny Gemma tokenizer: BPE on "▁"-spelled text with byte fallback, Gemma's special tokens and template;
+    with `llama2`, Llama 2's kind, which also puts a "▁" before the text."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    from tunesmith.data.templates import find_template
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    byte_pieces = [f"<0x{value:02X}>" for value in range(256)]
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    corpus = ["who are you? i am tunesmith, a model that answers.", "the user asks and the model answers."]
+    backend.train_from_iterator(corpus * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=specials + byte_pieces))
+    model = json.loads(backend.to_str())["model"]
+    tokenizer = (LlamaTokenizer if llama2 else GemmaTokenizer)(
+        vocab=model["vocab"],
+        merges=[tuple(merge) for merge in model["merges"]],
+        additional_special_tokens=specials[5:],
+        add_bos_token=True,
+    )
+    tokenizer.chat_template = find_template("gemma").jinja
+    tokenizer.save_pretrained(target)
+    return target
+
+
+GEMMA_TEXTS = ["who are you?", "the model answers: 42 \u00e9t\u00e9", "<start_of_turn>user\nhi<end_of_turn>"]
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text", "llama"])
+def test_sentencepiece_gguf_round_trip_through_transformers(tmp_path, model_type):
+    """Gemma's SentencePiece-style vocabulary and its norms (+1) read back: same weights, logits and token ids; a
+    Llama with a Llama 2 style vocabulary too. transformers reads Gemma2 and Gemma3 GGUF files, not Gemma's: for
+    it the file's metadata and tensors are checked.
+    """
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    llama2 = model_type == "llama"
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_style_tokenizer(tmp_path / "base", llama2=llama2))
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=256,  # what transformers assumes when it reads a Gemma GGUF
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    model.save_pretrained(tmp_path / "base")
+    run_export(
+        f"model_name_or_path={tmp_path / 'base'}",
+        f"export_dir={tmp_path / 'g'}",
+        "export_gguf=f16",
+        "infer_dtype=float32",
+    )
+    reader = gguf.GGUFReader(tmp_path / "g" / "g-f16.gguf")
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.pre"] == "default"
+    assert fields["tokenizer.ggml.add_space_prefix"] is llama2 and fields["tokenizer.ggml.add_bos_token"] is True
+    assert fields["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[tokenizer.convert_tokens_to_ids("<0x41>")] == gguf.TokenType.BYTE
+    assert types[tokenizer.convert_tokens_to_ids("<end_of_turn>")] == gguf.TokenType.CONTROL
+    norm = next(tensor for tensor in reader.tensors if tensor.name == "output_norm.weight")
+    np_norm = model.model.norm.weight.detach().numpy()
+    plus = 0 if llama2 else 1  # Gemma's norm multiplies by 1 + weight, llama.cpp's by the weight
+    assert abs(float(norm.data[0]) - (float(np_norm[0]) + plus)) < 1e-6
+    assert fields["general.architecture"] == model_type.removesuffix("_text")
+    assert "output.weight" not in {tensor.name for tensor in reader.tensors}  # Gemma's head is the embedding
+    if model_type == "gemma":
+        embedding = next(tensor for tensor in reader.tensors if tensor.name == "token_embd.weight")
+        expected = model.model.embed_tokens.weight.detach().half().numpy()
+        assert (embedding.data == expected).all()
+        assert fields["tokenizer.ggml.tokens"] == [tokenizer.convert_ids_to_tokens(i) for i in range(len(tokenizer))]
+        return
+
+    from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="g-f16.gguf", dtype=torch.float32)
+    weights = from_gguf.eval().state_dict()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(weights[name], tensor, atol=2e-3, rtol=0, msg=name)
+    ids = torch.tensor([tokenizer("who are you?")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(from_gguf(ids).logits, model.eval()(ids).logits, atol=2e-2, rtol=0)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file="g-f16.gguf")
+    for text in GEMMA_TEXTS:
+        assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"], text

@@ -5,15 +5,25 @@ the shard headers, then each tensor is read, converted and appended, so memory s
 llama.cpp's `convert_hf_to_gguf.py` does for these families, and why:
 - Llama/Mistral (arch `llama`): q_proj and k_proj rows are permuted from Hugging Face's rotate-half layout to the
   interleaved one GGML's RoPE expects; without it the file loads and answers gibberish.
-- Qwen2/Qwen3 (arch `qwen2`/`qwen3`): no permutation (llama.cpp applies NeoX-style RoPE for them).
+- Qwen2/Qwen3 (arch `qwen2`/`qwen3`) and Gemma: no permutation (llama.cpp applies NeoX-style RoPE for them).
+- Gemma/Gemma2/Gemma3: Hugging Face's Gemma RMSNorm multiplies by (1 + weight), llama.cpp's by weight, so every
+  `*norm.weight` is written plus one. The output head is always the embedding (llama.cpp scales the embeddings by
+  sqrt(hidden) itself, as transformers does). Gemma2 adds its soft-capping and sliding window, Gemma3 its global
+  RoPE base.
 - 1-D tensors and norms are float32; a row whose length is not a multiple of the type's block falls back to f16.
 - A tied output head is not written: llama.cpp reuses token_embd, transformers reads the absence as tied.
-- `tokenizer.ggml.pre` names the pre-tokenizer: found by hashing the tokenization of llama.cpp's probe text.
+- Tokenizers: byte-level BPE (Llama 3, Qwen, SmolLM, Mistral Nemo) is written as `gpt2` with its merges, and
+  `tokenizer.ggml.pre` names its pre-tokenizer, found by hashing the tokenization of llama.cpp's probe text.
+  SentencePiece-style BPE (Gemma, Llama 2, Mistral 7B: `▁` for spaces, byte fallback) is written as `llama`: pieces,
+  scores and token types, pre `default`. Its merge order is carried by the scores (a piece made by merge number n
+  scores -n), which is the order llama.cpp's SentencePiece tokenizer merges in.
 K-quants (q4_k_m, ...) are made from an f16 file by llama.cpp's `llama-quantize`, which must be on PATH.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -27,15 +37,29 @@ from tqdm import tqdm
 
 from tunesmith.config.export import GGUF_K_QUANTS
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.export.hf_files import end_of_turn_tokens
 from tunesmith.export.safetensors_io import TensorInfo, TensorReader, read_tensor_infos, weight_files
 
-# Hugging Face model_type → (GGUF architecture, permute Q/K rows)
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "llama": ("llama", True),
-    "mistral": ("llama", True),
-    "qwen2": ("qwen2", False),
-    "qwen3": ("qwen3", False),
+
+@dataclass(frozen=True)
+class Architecture:
+    gguf_name: str
+    permute_qk: bool  # Hugging Face's rotate-half rows → GGML's interleaved ones (Llama's RoPE)
+    norm_plus_one: bool  # Gemma's RMSNorm scales by (1 + weight), llama.cpp's by weight
+
+
+# Hugging Face model_type → how llama.cpp names and reads it
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("llama", permute_qk=True, norm_plus_one=False),
+    "mistral": Architecture("llama", permute_qk=True, norm_plus_one=False),
+    "qwen2": Architecture("qwen2", permute_qk=False, norm_plus_one=False),
+    "qwen3": Architecture("qwen3", permute_qk=False, norm_plus_one=False),
+    "gemma": Architecture("gemma", permute_qk=False, norm_plus_one=True),
+    "gemma2": Architecture("gemma2", permute_qk=False, norm_plus_one=True),
+    "gemma3_text": Architecture("gemma3", permute_qk=False, norm_plus_one=True),
 }
+SENTENCEPIECE_SPACE = "\u2581"  # "▁": SentencePiece's spelling of a space
+BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 # llama.cpp's probe text for naming the pre-tokenizer (convert_hf_to_gguf.py, get_vocab_base_pre), and the names
 # of the hashes of its tokenization for the tokenizers of the families above.
@@ -66,6 +90,7 @@ class GgufTensor:
     source: TensorInfo
     qtype: Any  # gguf.GGMLQuantizationType
     permute_heads: int | None  # rows are permuted for RoPE with this many heads
+    plus_one: bool  # a Gemma norm: written as 1 + weight
 
 
 def gguf_qtype(name: str):
@@ -109,11 +134,19 @@ def check_gguf_export(types: list[str], model_config: dict[str, Any], tokenizer)
             "Remove export_gguf and convert the exported directory with llama.cpp's convert_hf_to_gguf.py"
         )
     rope = model_config.get("rope_parameters") or model_config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
+    # Gemma3 keeps one RoPE setting per attention kind (sliding_attention, full_attention)
+    settings = [value for value in rope.values() if isinstance(value, dict)] or [rope]
+    rope_types = {setting.get("rope_type", setting.get("type", "default")) for setting in settings} - {None}
+    if rope_types - {"default"}:
         raise ConfigError(
-            f"`export_gguf`: this model uses {rope_type} RoPE scaling, which tunesmith's GGUF writer does not "
-            "write yet; convert the exported directory with llama.cpp's convert_hf_to_gguf.py"
+            f"`export_gguf`: this model uses {', '.join(sorted(rope_types - {'default'}))} RoPE scaling, which "
+            "tunesmith's GGUF writer does not write yet; convert the exported directory with llama.cpp's "
+            "convert_hf_to_gguf.py"
+        )
+    if ARCHITECTURES[model_type].gguf_name.startswith("gemma") and model_config.get("tie_word_embeddings") is False:
+        raise ConfigError(
+            "`export_gguf`: llama.cpp's Gemma reads no separate output head, and this model's is untied; "
+            "remove export_gguf"
         )
     check_gguf_tokenizer(tokenizer, model_config["vocab_size"])
     k_quants = [name for name in types if name in GGUF_K_QUANTS]
@@ -125,19 +158,28 @@ def check_gguf_export(types: list[str], model_config: dict[str, Any], tokenizer)
         )
 
 
-def check_gguf_tokenizer(tokenizer, vocab_size: int) -> str:
-    """The tokenizer can be written as llama.cpp's byte-level BPE (`gpt2`); returns its pre-tokenizer name."""
+def tokenizer_model(tokenizer) -> str:
+    """llama.cpp's name for the tokenizer: `gpt2` (byte-level BPE) or `llama` (SentencePiece-style BPE)."""
     backend = tokenizer.backend_tokenizer if tokenizer.is_fast else None
-    byte_level = backend is not None and "ByteLevel" in str(backend.decoder)
-    if backend is None or backend.model.__class__.__name__ != "BPE" or not byte_level:
-        raise ModelError(
-            "tunesmith writes GGUF for byte-level BPE tokenizers (Llama 3, Qwen, SmolLM, Mistral Nemo), not "
-            "SentencePiece ones (Llama 2, Mistral 7B v0.1-0.3, Gemma); convert this model with "
-            "llama.cpp's convert_hf_to_gguf.py"
-        )
+    model = json.loads(backend.to_str())["model"] if backend is not None else {}
+    if model.get("type") == "BPE" and "ByteLevel" in str(backend.decoder):
+        return "gpt2"
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("a b", add_special_tokens=False))
+    if model.get("type") == "BPE" and model.get("byte_fallback") and any(SENTENCEPIECE_SPACE in p for p in pieces):
+        return "llama"
+    raise ModelError(
+        "tunesmith writes GGUF for byte-level BPE tokenizers (Llama 3, Qwen, SmolLM, Mistral Nemo) and "
+        "SentencePiece-style BPE ones with byte fallback (Gemma, Llama 2, Mistral 7B); this one is neither (a "
+        f"{model.get('type', 'slow')} tokenizer); convert the exported directory with llama.cpp's convert_hf_to_gguf.py"
+    )
+
+
+def check_gguf_tokenizer(tokenizer, vocab_size: int) -> tuple[str, str]:
+    """The tokenizer can be written for llama.cpp; returns its tokenizer model and pre-tokenizer names."""
+    model = tokenizer_model(tokenizer)
     if len(tokenizer) > vocab_size:
         raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
-    return pre_tokenizer_name(tokenizer)
+    return model, pre_tokenizer_name(tokenizer) if model == "gpt2" else "default"
 
 
 def pre_tokenizer_name(tokenizer) -> str:
@@ -161,7 +203,7 @@ def write_gguf_files(
         if type_name in GGUF_K_QUANTS:
             f16 = out_dir / f".{name}-f16-for-{type_name}.gguf"
             write_gguf(model_dir, model_config, tokenizer, "f16", name, f16)
-            subprocess.run(["llama-quantize", str(f16), str(target), type_name.upper()], check=True)
+            run_llama_quantize(f16, target, type_name)
             f16.unlink()
         else:
             write_gguf(model_dir, model_config, tokenizer, type_name, name, target)
@@ -170,40 +212,58 @@ def write_gguf_files(
     return written
 
 
+def run_llama_quantize(source: Path, target: Path, type_name: str) -> None:
+    command = ["llama-quantize", str(source), str(target), type_name.upper()]
+    print(f"running {' '.join(command)}")
+    finished = subprocess.run(command, capture_output=True, text=True, check=False)
+    if finished.returncode != 0 or not target.is_file():
+        last_lines = "\n".join((finished.stderr or finished.stdout).strip().splitlines()[-5:])
+        raise ModelError(f"llama-quantize failed making {type_name} (exit status {finished.returncode}):\n{last_lines}")
+
+
 def plan_tensors(infos: list[TensorInfo], config: dict[str, Any], type_name: str) -> list[GgufTensor]:
     import gguf
 
-    arch_name, permute = ARCHITECTURES[config["model_type"]]
-    arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch_name)
+    architecture = ARCHITECTURES[config["model_type"]]
+    arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture.gguf_name)
     name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     qtype = gguf_qtype(type_name)
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     planned = []
     for info in infos:
+        if architecture.norm_plus_one and info.name == "lm_head.weight":
+            raise ModelError(
+                "the merged Gemma model has a separate output head (a modules_to_save copy of lm_head); llama.cpp's "
+                "Gemma reads none, so no GGUF can be written: remove export_gguf"
+            )
         gguf_name = name_map.get_name(info.name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ModelError(f"no GGUF name for tensor {info.name} of a {config['model_type']} model")
+        is_norm = info.name.endswith(NORM_SUFFIXES)
         tensor_type = qtype
-        if len(info.shape) == 1 or info.name.endswith(NORM_SUFFIXES):
+        if len(info.shape) == 1 or is_norm:
             tensor_type = gguf.GGMLQuantizationType.F32
         elif info.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] != 0:
             tensor_type = gguf.GGMLQuantizationType.F16  # as llama.cpp falls back when a row is not whole blocks
         permute_heads = None
-        if permute and ".self_attn.q_proj." in info.name:
+        if architecture.permute_qk and ".self_attn.q_proj." in info.name:
             permute_heads = heads
-        elif permute and ".self_attn.k_proj." in info.name:
+        elif architecture.permute_qk and ".self_attn.k_proj." in info.name:
             permute_heads = kv_heads
-        planned.append(GgufTensor(gguf_name, info, tensor_type, permute_heads))
+        plus_one = architecture.norm_plus_one and is_norm
+        planned.append(GgufTensor(gguf_name, info, tensor_type, permute_heads, plus_one))
     return planned
 
 
-def to_gguf_layout(tensor: torch.Tensor, permute_heads: int | None) -> np.ndarray:
+def to_gguf_layout(tensor: torch.Tensor, planned: GgufTensor) -> np.ndarray:
     data = tensor.to(torch.float32)
-    if permute_heads is not None:
+    if planned.plus_one:
+        data = data + 1
+    if planned.permute_heads is not None:
         # Hugging Face keeps each head's rotary pairs as two halves; GGML wants them interleaved.
-        rows = data.shape[0]
-        data = data.reshape(permute_heads, 2, rows // permute_heads // 2, *data.shape[1:])
+        heads, rows = planned.permute_heads, data.shape[0]
+        data = data.reshape(heads, 2, rows // heads // 2, *data.shape[1:])
         data = data.swapaxes(1, 2).reshape(rows, *tensor.shape[1:])
     return data.numpy()
 
@@ -211,10 +271,9 @@ def to_gguf_layout(tensor: torch.Tensor, permute_heads: int | None) -> np.ndarra
 def write_gguf(model_dir: Path, config: dict[str, Any], tokenizer, type_name: str, name: str, target: Path) -> None:
     import gguf
 
-    arch_name, _ = ARCHITECTURES[config["model_type"]]
     infos = read_tensor_infos(weight_files(model_dir))
     planned = plan_tensors(infos, config, type_name)
-    writer = gguf.GGUFWriter(target, arch_name)
+    writer = gguf.GGUFWriter(target, ARCHITECTURES[config["model_type"]].gguf_name)
     add_model_metadata(writer, config, type_name, name)
     add_tokenizer(writer, model_dir, tokenizer, config["vocab_size"])
     for tensor in planned:
@@ -232,7 +291,7 @@ def write_gguf(model_dir: Path, config: dict[str, Any], tokenizer, type_name: st
     reader = TensorReader()
     try:
         for tensor in tqdm(planned, desc=f"writing {target.name}", unit="tensor"):
-            data = to_gguf_layout(reader.get(tensor.source), tensor.permute_heads)
+            data = to_gguf_layout(reader.get(tensor.source), tensor)
             writer.write_tensor_data(gguf.quants.quantize(data, tensor.qtype))
     finally:
         reader.close()
@@ -245,6 +304,7 @@ def add_model_metadata(writer, config: dict[str, Any], type_name: str, name: str
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     rope = config.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)  # Gemma3: the global layers' base, as llama.cpp reads it
     writer.add_name(name)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -258,12 +318,46 @@ def add_model_metadata(writer, config: dict[str, Any], type_name: str, name: str
     writer.add_key_length(head_dim)  # readers default it (transformers: 128 for qwen3) rather than derive it
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config["vocab_size"])
+    if config.get("attn_logit_softcapping"):  # Gemma2
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    if config.get("final_logit_softcapping"):  # Gemma2, some Gemma3
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    if config["model_type"] in ("gemma2", "gemma3_text") and config.get("sliding_window"):
+        writer.add_sliding_window(config["sliding_window"])
     writer.add_file_type(file_type(type_name))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def add_tokenizer(writer, model_dir: Path, tokenizer, vocab_size: int) -> None:
-    """Byte-level BPE vocabulary (`gpt2`), token types, merges, special ids and the chat template."""
+    """The vocabulary with token types (and merges or scores), special ids, BOS/EOS flags and the chat template."""
+    import gguf
+
+    model, pre = check_gguf_tokenizer(tokenizer, vocab_size)
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre(pre)
+    if model == "gpt2":
+        tokens, types = byte_level_vocab(tokenizer, vocab_size)
+    else:
+        tokens, scores, types = sentencepiece_vocab(tokenizer, vocab_size)
+        writer.add_token_scores(scores)
+        # llama.cpp puts a space before the text when the tokenizer does (Llama 2), not when it does not (Gemma)
+        first = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False))
+        writer.add_add_space_prefix(bool(first) and first[0].startswith(SENTENCEPIECE_SPACE))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=model == "gpt2", n_vocab=vocab_size)
+    # Said explicitly: transformers 5 no longer saves add_bos_token, and llama.cpp would otherwise add a BOS that
+    # the tokenizer never adds (SmolLM2's BOS is <|im_start|>, which doubled opens every chat).
+    probe = tokenizer("a")["input_ids"]
+    special.add_special_token["bos"] = bool(probe) and probe[0] == tokenizer.bos_token_id
+    special.add_special_token["eos"] = bool(probe) and probe[-1] == tokenizer.eos_token_id
+    special.add_to_gguf(writer)
+    end_of_turn = [token for token in end_of_turn_tokens(tokenizer) if token != tokenizer.eos_token]
+    if end_of_turn:  # Gemma's <end_of_turn>: llama.cpp stops there as well as at EOS
+        writer.add_eot_token_id(tokenizer.convert_tokens_to_ids(end_of_turn[0]))
+
+
+def byte_level_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     import gguf
 
     by_id = {token_id: token for token, token_id in tokenizer.get_vocab().items()}
@@ -279,14 +373,45 @@ def add_tokenizer(writer, model_dir: Path, tokenizer, vocab_size: int) -> None:
         else:
             tokens.append(by_id[token_id])
             types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(check_gguf_tokenizer(tokenizer, vocab_size))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(model_dir, load_merges=True)
-    # Said explicitly: transformers 5 no longer saves add_bos_token, and llama.cpp would otherwise add a BOS that
-    # the tokenizer never adds (SmolLM2's BOS is <|im_start|>, which doubled opens every chat).
-    probe = tokenizer("a")["input_ids"]
-    special.add_special_token["bos"] = bool(probe) and probe[0] == tokenizer.bos_token_id
-    special.add_special_token["eos"] = bool(probe) and probe[-1] == tokenizer.eos_token_id
-    special.add_to_gguf(writer)
+    return tokens, types
+
+
+def sentencepiece_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and types as llama.cpp's convert writes them from a SentencePiece model.
+
+    Scores: a piece made by merge number n scores -n, so llama.cpp (which merges the adjacent pair whose joined
+    piece scores highest) merges in the order the BPE merges are listed. Pieces no merge makes (characters, bytes)
+    are never the result of a merge and score 0. Added tokens score -1000, as llama.cpp's convert gives them.
+    """
+    import gguf
+
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    merge_rank: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        merge_rank.setdefault(left + right, rank)
+    by_id = {token_id: token for token, token_id in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, scores, types = [], [], []
+    for token_id in range(vocab_size):
+        token = by_id.get(token_id)
+        if token is None:
+            tokens.append(f"[PAD{token_id}]")
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+        elif token_id in added and token_id != tokenizer.unk_token_id:
+            special = added[token_id].special
+            # llama.cpp matches a user-defined token in the text, which has spaces, not "▁"
+            tokens.append(token if special else token.replace(SENTENCEPIECE_SPACE, " "))
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            scores.append(-float(merge_rank[token]) if token in merge_rank else 0.0)
+            if token_id == tokenizer.unk_token_id:
+                types.append(gguf.TokenType.UNKNOWN)
+            elif BYTE_PIECE.match(token):
+                types.append(gguf.TokenType.BYTE)
+            else:
+                types.append(gguf.TokenType.NORMAL)
+    return tokens, scores, types
