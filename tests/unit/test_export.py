@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -508,3 +509,33 @@ def test_sentencepiece_gguf_round_trip_through_transformers(tmp_path, model_type
     gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file="g-f16.gguf")
     for text in GEMMA_TEXTS:
         assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"], text
+
+
+def test_k_quant_goes_through_an_f16_file_and_llama_quantize(tiny_model_dir, tmp_path, monkeypatch):
+    """A stand-in llama-quantize on PATH records its arguments and the file it was given, and writes the output."""
+    import gguf
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    script = bin_dir / "llama-quantize"
+    script.write_text(f'#!/bin/sh\necho "$@" > {calls}\ncp "$1" {tmp_path / "given.gguf"}\ncp "$1" "$2"\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    run_export(f"model_name_or_path={tiny_model_dir}", f"export_dir={tmp_path / 'out'}", "export_gguf=q4_k_m")
+    source, target, quant = calls.read_text().split()
+    source_file_type = gguf.GGUFReader(tmp_path / "given.gguf").fields["general.file_type"].contents()
+    assert Path(source).name == ".out-f16-for-q4_k_m.gguf" and Path(target).name == "out-q4_k_m.gguf"
+    assert quant == "Q4_K_M" and int(source_file_type) == gguf.LlamaFileType.MOSTLY_F16
+    assert [path.name for path in (tmp_path / "out").glob("*.gguf")] == ["out-q4_k_m.gguf"]  # the f16 is removed
+    assert "FROM ./out-q4_k_m.gguf" in (tmp_path / "out" / "Modelfile").read_text()
+
+
+def test_failing_llama_quantize_is_one_error_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "llama-quantize").write_text("#!/bin/sh\necho 'unknown ftype' >&2\nexit 1\n")
+    (bin_dir / "llama-quantize").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(ModelError, match=r"llama-quantize failed making q6_k .*\nunknown ftype"):
+        run_export(f"model_name_or_path={tiny_model_dir}", f"export_dir={tmp_path / 'out'}", "export_gguf=q6_k")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

@@ -160,17 +160,17 @@ def check_gguf_export(types: list[str], model_config: dict[str, Any], tokenizer)
 
 def tokenizer_model(tokenizer) -> str:
     """llama.cpp's name for the tokenizer: `gpt2` (byte-level BPE) or `llama` (SentencePiece-style BPE)."""
-    backend = tokenizer.backend_tokenizer if tokenizer.is_fast else None
-    model = json.loads(backend.to_str())["model"] if backend is not None else {}
-    if model.get("type") == "BPE" and "ByteLevel" in str(backend.decoder):
+    model = tokenizer.backend_tokenizer.model if tokenizer.is_fast else None
+    kind = type(model).__name__ if model is not None else "slow"
+    if kind == "BPE" and "ByteLevel" in str(tokenizer.backend_tokenizer.decoder):
         return "gpt2"
     pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("a b", add_special_tokens=False))
-    if model.get("type") == "BPE" and model.get("byte_fallback") and any(SENTENCEPIECE_SPACE in p for p in pieces):
+    if kind == "BPE" and model.byte_fallback and any(SENTENCEPIECE_SPACE in piece for piece in pieces):
         return "llama"
     raise ModelError(
         "tunesmith writes GGUF for byte-level BPE tokenizers (Llama 3, Qwen, SmolLM, Mistral Nemo) and "
         "SentencePiece-style BPE ones with byte fallback (Gemma, Llama 2, Mistral 7B); this one is neither (a "
-        f"{model.get('type', 'slow')} tokenizer); convert the exported directory with llama.cpp's convert_hf_to_gguf.py"
+        f"{kind} tokenizer); convert the exported directory with llama.cpp's convert_hf_to_gguf.py"
     )
 
 
