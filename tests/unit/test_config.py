@@ -164,7 +164,7 @@ def test_every_example_config_is_valid(example):
     from tunesmith.config.load import read_yaml
 
     if "export_dir" in read_yaml(example):
-        assert load_export_config(example).adapter_name_or_path
+        assert load_export_config(example).inference.model.adapter_name_or_path
         return
     config = load_config(example, ["name=Tunesmith", "author=us"])
     assert config.data.dataset

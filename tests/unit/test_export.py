@@ -93,6 +93,14 @@ def test_two_adapters_merge_in_order(tiny_model_dir, tmp_path):
     for adapter in ("first", "second"):
         expected = PeftModel.from_pretrained(expected, tmp_path / adapter).merge_and_unload()
     torch.testing.assert_close(logits(load_exported(tmp_path / "merged")), logits(expected), atol=1e-4, rtol=0)
+    # An adapter trained on top of another (its run's adapter_name_or_path) brings it along, as chat applies it.
+    (tmp_path / "second" / "tunesmith_config.yaml").write_text(
+        f"model_name_or_path: {tiny_model_dir}\nadapter_name_or_path: {tmp_path / 'first'}\ncreate_new_adapter: true\n"
+    )
+    run_export(
+        f"adapter_name_or_path={tmp_path / 'second'}", f"export_dir={tmp_path / 'stacked'}", "infer_dtype=float32"
+    )
+    torch.testing.assert_close(logits(load_exported(tmp_path / "stacked")), logits(expected), atol=1e-4, rtol=0)
 
 
 def test_directory_is_complete(tiny_model_dir, tmp_path):
@@ -160,7 +168,8 @@ def test_generation_config_lists_end_of_turn_tokens(tiny_model_dir, tmp_path):
 
 def test_adapter_of_another_base_is_refused_naming_both(tiny_model_dir, wide_tiny_model_dir, tmp_path):
     make_adapter(wide_tiny_model_dir, tmp_path / "adapter")
-    with pytest.raises(ModelError, match=rf"shape.*trained on .*, but model_name_or_path is {tiny_model_dir}"):
+    trained_on = rf"trained on {wide_tiny_model_dir} and does not fit model {tiny_model_dir}: layer .* has in_features"
+    with pytest.raises(ModelError, match=trained_on):
         run_export(
             f"model_name_or_path={tiny_model_dir}",
             f"adapter_name_or_path={tmp_path / 'adapter'}",
@@ -214,6 +223,7 @@ def test_export_size_units(value, size):
         ("export_gguf=q9_9", "unknown GGUF type q9_9"),
         ("export_dri=x", "did you mean export_dir"),
         ("quantization_bit=4", "cannot merge adapters into a quantized model"),
+        ("temperature=0", "`temperature` is not used by export: export generates nothing"),
     ],
 )
 def test_bad_keys_refused_before_loading(override, message):

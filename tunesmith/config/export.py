@@ -1,21 +1,29 @@
 """The typed config of `tunesmith export`: LLaMA-Factory's merge YAML keys, validated before any weight loads.
 
-`InferenceModelKeys` holds the keys that say which model to load (a base model, adapters on it, the chat template);
-they are the same keys `chat` reads, kept in one small class so that a shared inference config can replace it.
-`ExportConfig` adds the `export_*` keys. Unknown keys are refused with a suggestion.
+Which model to export (model_name_or_path, adapter_name_or_path, template, finetuning_type, infer_dtype,
+trust_remote_code, cache_dir) is the inference config's (config/inference.py), so a model is named the same way as
+for `chat`; `ExportSection` adds the `export_*` keys. An inference key that means nothing to export (a generation
+setting, a loading option) is refused with the reason, never ignored, as are unknown keys (with a suggestion).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tunesmith.config.load import parse_overrides, read_yaml
+from tunesmith.config.inference import (
+    INFERENCE_ALIASES,
+    INFERENCE_KEYS,
+    InferenceConfig,
+    _flat,
+    build_inference_config,
+)
+from tunesmith.config.load import describe_validation_error, parse_overrides, read_yaml
 from tunesmith.config.sections import Section, _split_list, planned
 from tunesmith.errors import ConfigError
 
@@ -45,55 +53,8 @@ def parse_size(value: Any) -> int:
     return size
 
 
-class InferenceModelKeys(Section):
-    """Which model to load: the base, LoRA adapters on it, and the chat template (the keys `chat` reads too)."""
-
-    model_name_or_path: str | None = Field(
-        None,
-        description="The base model (directory, .gguf file, hub id or alias), or the output_dir of a full or freeze "
-        "run; default: the model the adapter was trained on.",
-    )
-    adapter_name_or_path: list[str] = Field(
-        default_factory=list, description="LoRA adapter directories to merge, in order; comma-separated."
-    )
-    template: str | None = Field(
-        None, description="A named chat template to save with the model; default: the one the run trained with."
-    )
-    finetuning_type: Literal["lora", "full", "freeze"] = Field(
-        "lora", description="lora merges adapter_name_or_path; full/freeze export the run directory given as model."
-    )
-    trust_remote_code: bool = Field(False, description="Run Python code shipped with the tokenizer.")
-    cache_dir: str | None = Field(None, description="Where converted models are cached (default ~/.cache/tunesmith).")
-    quantization_bit: int | None = Field(
-        None, description="Refused: adapters merge into the unquantized base (see the note printed for QLoRA)."
-    )
-
-    _split_adapters = field_validator("adapter_name_or_path", mode="before")(_split_list)
-
-    @field_validator("quantization_bit")
-    @classmethod
-    def _no_quantized_merge(cls, value: int | None) -> int | None:
-        if value is not None:
-            raise ValueError(
-                "cannot merge adapters into a quantized model; remove quantization_bit: a QLoRA adapter merges onto "
-                "the unquantized base"
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _adapters_need_lora(self) -> InferenceModelKeys:
-        if self.adapter_name_or_path and self.finetuning_type != "lora":
-            raise ValueError(
-                f"adapter_name_or_path is set but finetuning_type is {self.finetuning_type}; a {self.finetuning_type} "
-                "run saves a whole model: pass its output_dir as model_name_or_path and no adapter"
-            )
-        if self.model_name_or_path is None and not self.adapter_name_or_path:
-            raise ValueError("set model_name_or_path (a model or a full/freeze run dir) or adapter_name_or_path")
-        return self
-
-
-class ExportConfig(InferenceModelKeys):
-    """Everything `tunesmith export` needs."""
+class ExportSection(Section):
+    """Where and how the exported model is written."""
 
     export_dir: str = Field(..., description="Where the exported model goes (written complete, then renamed).")
     export_size: int = Field(
@@ -107,9 +68,6 @@ class ExportConfig(InferenceModelKeys):
         False, description="Pickle .bin weights: refused, tunesmith writes only safetensors (pickle can run code)."
     )
     export_hub_model_id: str | None = Field(None, description="Also upload the exported directory to this hub repo.")
-    infer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype written: auto keeps the model's, except float32 which becomes bfloat16."
-    )
     export_gguf: list[str] = Field(
         default_factory=list,
         description=f"Also write <export_dir>/<name>-<type>.gguf for each type: {', '.join(GGUF_TYPES)} "
@@ -152,36 +110,69 @@ class ExportConfig(InferenceModelKeys):
         return list(dict.fromkeys(lowered))
 
 
-EXPORT_KEYS: tuple[str, ...] = tuple(ExportConfig.model_fields)
+class ExportConfig(BaseModel):
+    """Everything `tunesmith export` needs: which model (the inference keys) and where it goes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inference: InferenceConfig
+    export: ExportSection
+
+
+# The inference keys export reads; infer_dtype is the dtype written (auto: the model's, float32 becomes bfloat16).
+USED_INFERENCE_KEYS = (
+    "model_name_or_path",
+    "adapter_name_or_path",
+    "template",
+    "finetuning_type",
+    "infer_dtype",
+    "trust_remote_code",
+    "cache_dir",
+)
+EXPORT_KEYS: tuple[str, ...] = (*USED_INFERENCE_KEYS, *ExportSection.model_fields)
+# Inference keys that export refuses, and why.
+NOT_FOR_EXPORT = {
+    "model": "export reads the weights without loading the model to run it",
+    "prompt": "export saves the chat template the run trained with (set `template` to save another)",
+    "generation": "export generates nothing",
+    "engine": "export runs no inference engine",
+}
+
+
+def build_export_config(values: Mapping[str, Any]) -> ExportConfig:
+    """Flat `key: value` pairs → ExportConfig; each error names the key, the bad value and what would be valid."""
+    export_values: dict[str, Any] = {}
+    inference_values: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in ExportSection.model_fields:
+            export_values[key] = value
+            continue
+        name = INFERENCE_ALIASES.get(key, key)
+        if name not in INFERENCE_KEYS:
+            close = difflib.get_close_matches(key, EXPORT_KEYS, n=2, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown export key `{key}`{hint}; export keys are: {', '.join(EXPORT_KEYS)}")
+        if name == "quantization_bit" and value is not None:
+            raise ConfigError(
+                f"`quantization_bit: {value}`: cannot merge adapters into a quantized model; remove "
+                "quantization_bit: a QLoRA adapter merges onto the unquantized base (the note printed says so)"
+            )
+        if name not in USED_INFERENCE_KEYS:
+            raise ConfigError(f"`{key}` is not used by export: {NOT_FOR_EXPORT[INFERENCE_KEYS[name]]}; remove it")
+        inference_values[key] = value
+    inference = build_inference_config(inference_values)
+    if not inference.model_given and not inference.model.adapter_name_or_path:
+        raise ConfigError("set model_name_or_path (a model or a full/freeze run dir) or adapter_name_or_path")
+    try:
+        export = ExportSection(**export_values)
+    except ValidationError as error:
+        keys = dict.fromkeys(ExportSection.model_fields, "export")
+        raise ConfigError(describe_validation_error(error, keys)) from None
+    return ExportConfig(inference=inference, export=export)
 
 
 def load_export_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExportConfig:
     """A YAML file (LLaMA-Factory's merge YAML as it is) and `key=value` overrides → a validated ExportConfig."""
-    values = dict(read_yaml(path)) if path is not None else {}
-    values.update(parse_overrides(overrides))
-    values = {str(key): value for key, value in values.items()}
-    unknown = [key for key in values if key not in EXPORT_KEYS]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, EXPORT_KEYS, n=2, cutoff=0.6)
-            hints.append(f"`{key}`" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
-        raise ConfigError(f"unknown export key {', '.join(hints)}; export keys are: {', '.join(EXPORT_KEYS)}")
-    try:
-        return ExportConfig(**values)
-    except ValidationError as error:
-        raise ConfigError(
-            "invalid export config: " + "; ".join(_describe(problem) for problem in error.errors())
-        ) from None
-
-
-def _describe(problem: Any) -> str:
-    key = str(problem["loc"][0]) if problem["loc"] else ""
-    message = problem["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
-    if problem["type"] == "missing":
-        return f"`{key}` is required" + (
-            ": the directory to write the exported model to" if key == "export_dir" else ""
-        )
-    if key in EXPORT_KEYS:
-        return f"`{key}`: got {problem['input']!r}; {message}"
-    return message
+    values = _flat(read_yaml(path)) if path is not None else {}
+    values.update(_flat(parse_overrides(overrides)))
+    return build_export_config(values)

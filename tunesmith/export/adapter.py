@@ -8,7 +8,6 @@ Embedding LoRA: delta = (B @ A)^T · scaling. `modules_to_save` tensors replace 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,8 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tunesmith.errors import ModelError
-
-PEFT_PREFIX = "base_model.model."
+from tunesmith.model.adapters import ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter_config
 
 # adapter_config.json settings whose merge tunesmith does not implement; each must be at its default.
 UNSUPPORTED_SETTINGS: dict[str, object] = {
@@ -69,13 +67,13 @@ class Adapter:
 
 
 def read_adapter(path: Path) -> Adapter:
-    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_adapter_config(path)
     if config.get("peft_type", "LORA") != "LORA":
         raise ModelError(f"{path} is a {config['peft_type']} adapter; tunesmith merges LoRA adapters (incl. DoRA)")
     for key, default in UNSUPPORTED_SETTINGS.items():
         if config.get(key, default) not in (default, [], {}):
             raise ModelError(f"{path}: adapter_config.json sets {key}={config[key]!r}, which tunesmith cannot merge")
-    tensors = load_file(path / "adapter_model.safetensors")
+    tensors = load_file(path / ADAPTER_WEIGHTS)
     adapter = Adapter(path, use_dora=bool(config.get("use_dora")))
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

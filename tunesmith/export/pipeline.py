@@ -19,7 +19,7 @@ from tunesmith.export.gguf_export import check_gguf_export, write_gguf_files
 from tunesmith.export.merge import MergePlan, plan_merge, write_weights
 from tunesmith.export.modelfile import chat_renderer, write_modelfile
 from tunesmith.export.safetensors_io import read_tensor_infos, weight_files
-from tunesmith.export.sources import ExportSources, resolve_sources
+from tunesmith.export.sources import ExportSources, check_adapters_fit, resolve_sources
 
 EXPORT_RECORD = "tunesmith_export.json"  # what an export was made from; lets the same export be redone in place
 
@@ -34,7 +34,8 @@ class ExportResult:
 
 
 def export_model(config: ExportConfig) -> ExportResult:
-    sources = resolve_sources(config)
+    model_keys, settings = config.inference.model, config.export
+    sources = resolve_sources(config.inference)
     model_config = hf_files.read_model_config(sources.model_dir)
     if model_config.get("quantization_config"):
         method = model_config["quantization_config"].get("quant_method", "quantized")
@@ -42,17 +43,15 @@ def export_model(config: ExportConfig) -> ExportResult:
             f"{sources.model_dir} is a {method} model; cannot merge into or re-export quantized weights. Use the "
             "unquantized base model (a QLoRA adapter merges onto it)"
         )
+    check_adapters_fit(sources, model_keys.trust_remote_code)
     infos = read_tensor_infos(weight_files(sources.model_dir))
     adapters = [read_adapter(path) for path in sources.adapter_dirs]
-    dtype, why = hf_files.choose_dtype(config.infer_dtype, model_config)
+    dtype, why = hf_files.choose_dtype(config.inference.engine.infer_dtype, model_config)
     tied = bool(model_config.get("tie_word_embeddings", False))
-    try:
-        plan = plan_merge(infos, adapters, dtype, config.export_size, tied)
-    except ModelError as error:
-        raise ModelError(f"{error}; {describe_bases(sources)}") from None
-    warn_if_other_base(sources)
-    tokenizer = hf_files.load_export_tokenizer(sources.tokenizer_dir, config.template, config.trust_remote_code)
-    export_dir = Path(config.export_dir).expanduser()
+    plan = plan_merge(infos, adapters, dtype, settings.export_size, tied)
+    template = config.inference.prompt.template
+    tokenizer = hf_files.load_export_tokenizer(sources.tokenizer_dir, template, model_keys.trust_remote_code)
+    export_dir = Path(settings.export_dir).expanduser()
     record = export_record(config, sources)
     check_export_dir(export_dir, record)
     write_extras = prepare_extras(config, model_config, tokenizer)
@@ -63,7 +62,7 @@ def export_model(config: ExportConfig) -> ExportResult:
             f"note: {path} was trained on a quantized base; it merges onto the unquantized weights, so the merged "
             f"model differs from the trained one by the base's quantization rounding"
         )
-    device = choose_device(config.export_device)
+    device = choose_device(settings.export_device)
     started = time.perf_counter()
     temporary = export_dir.parent / f".{export_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
@@ -83,8 +82,8 @@ def export_model(config: ExportConfig) -> ExportResult:
         f"exported {export_dir} in {time.perf_counter() - started:.1f}s: {len(shard_files)} shard(s), "
         f"{plan.total_bytes / 1e9:.3g} GB of {str(dtype).removeprefix('torch.')} weights, eos_token_id {eos_ids}"
     )
-    if config.export_hub_model_id:
-        push_to_hub(export_dir, config.export_hub_model_id)
+    if settings.export_hub_model_id:
+        push_to_hub(export_dir, settings.export_hub_model_id)
     return ExportResult(export_dir, dtype, shard_files, eos_ids, extra_files)
 
 
@@ -94,22 +93,6 @@ def describe_plan(sources: ExportSources, plan: MergePlan, dtype: torch.dtype, w
         f"tunesmith export: {sources.model_name} + {adapters} → {len(plan.shards)} shard(s) in "
         f"{str(dtype).removeprefix('torch.')} ({why}); tokenizer from {sources.tokenizer_dir}"
     )
-
-
-def describe_bases(sources: ExportSources) -> str:
-    trained_on = [base for base in sources.adapter_bases if base]
-    if not trained_on:
-        return f"is the adapter made for {sources.model_name}?"
-    return f"the adapter was trained on {trained_on[0]}, but model_name_or_path is {sources.model_name}"
-
-
-def warn_if_other_base(sources: ExportSources) -> None:
-    for path, base in zip(sources.adapter_dirs, sources.adapter_bases, strict=True):
-        if base and base != sources.model_name and Path(base).expanduser().resolve() != sources.model_dir.resolve():
-            print(
-                f"warning: {path} was trained on {base}, and is merged into {sources.model_name}; the shapes fit, "
-                "so this is right only if both name the same model"
-            )
 
 
 def export_record(config: ExportConfig, sources: ExportSources) -> dict[str, object]:
@@ -161,14 +144,17 @@ def choose_device(export_device: str) -> torch.device:
 
 def prepare_extras(config: ExportConfig, model_config: dict, tokenizer):
     """Checks for the GGUF files, done before any work; returns what writes them and the Modelfile."""
-    check_gguf_export(config.export_gguf, model_config, tokenizer)
+    settings = config.export
+    check_gguf_export(settings.export_gguf, model_config, tokenizer)
 
     def write_extras(out_dir: Path, tokenizer, export_dir: Path) -> list[str]:
         written_model_config = hf_files.read_model_config(out_dir)
-        ggufs = write_gguf_files(out_dir, written_model_config, tokenizer, config.export_gguf, export_dir.name, out_dir)
+        ggufs = write_gguf_files(
+            out_dir, written_model_config, tokenizer, settings.export_gguf, export_dir.name, out_dir
+        )
         source = f"./{ggufs[0].name}" if ggufs else "."
         stop_tokens = hf_files.end_of_turn_tokens(tokenizer)
-        num_ctx = config.export_num_ctx or written_model_config.get("max_position_embeddings") or 4096
+        num_ctx = settings.export_num_ctx or written_model_config.get("max_position_embeddings") or 4096
         modelfile = write_modelfile(out_dir, source, chat_renderer(tokenizer), stop_tokens, num_ctx)
         return [*(path.name for path in ggufs), modelfile.name]
 

@@ -1,22 +1,30 @@
-"""Which model, adapters and tokenizer an export reads: the one place that turns the model keys into directories.
+"""Which model, adapters and tokenizer an export reads, found as `chat` finds them (model/resolve.py,
+model/adapters.py): the adapters with any they were trained on top of, the base model the first one was trained on
+unless model_name_or_path says otherwise, and the tokenizer of the last adapter directory that holds one (training
+saves it there with the chat template it trained with), else the model's.
 
-The adapter's base model comes from tunesmith's saved config in the adapter directory, else from peft's
-adapter_config.json; the tokenizer from the last adapter directory that holds one (training saves the tokenizer with
-the chat template it trained with there), else from the model.
+Whether each adapter fits the base is model/adapters.py's check, the one chat and training use, run on the base
+model built on the meta device: its layers' shapes without any weight in memory.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+import torch
 
-from tunesmith.config import SAVED_CONFIG_FILE
-from tunesmith.config.export import InferenceModelKeys
+from tunesmith.config.inference import InferenceConfig
 from tunesmith.errors import ModelError
-from tunesmith.model.resolve import resolve_model
+from tunesmith.model.adapters import (
+    ADAPTER_WEIGHTS,
+    check_adapter_dir,
+    check_adapter_fits,
+    recorded_base_model,
+    saved_training_value,
+    with_adapters_beneath,
+)
+from tunesmith.model.resolve import resolve_model, with_hub_weights
 
 
 @dataclass(frozen=True)
@@ -25,19 +33,23 @@ class ExportSources:
     model_dir: Path
     adapter_dirs: tuple[Path, ...]
     tokenizer_dir: Path
-    adapter_bases: tuple[str | None, ...]  # the base each adapter says it was trained on
     qlora_adapters: tuple[Path, ...]  # adapters trained on a quantized base
 
 
-def resolve_sources(keys: InferenceModelKeys) -> ExportSources:
-    adapter_dirs = tuple(check_adapter_dir(name) for name in keys.adapter_name_or_path)
-    bases = tuple(adapter_base_model(path) for path in adapter_dirs)
-    model_name = keys.model_name_or_path or next((base for base in bases if base), None)
-    if model_name is None:
-        raise ModelError(
-            f"cannot tell which model the adapter in {adapter_dirs[0]} was trained on; set model_name_or_path"
-        )
-    model_dir = local_model_dir(model_name, keys.cache_dir)
+def resolve_sources(inference: InferenceConfig) -> ExportSources:
+    model = inference.model
+    adapter_dirs = tuple(check_adapter_dir(name) for name in with_adapters_beneath(model.adapter_name_or_path or []))
+    for path in adapter_dirs:
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise ModelError(f"{path} has no {ADAPTER_WEIGHTS} (tunesmith merges safetensors adapters only)")
+    model_name = model.model_name_or_path
+    if not inference.model_given:
+        model_name = recorded_base_model(adapter_dirs[0])
+        if model_name is None:
+            raise ModelError(
+                f"cannot tell which model the adapter in {adapter_dirs[0]} was trained on; set model_name_or_path"
+            )
+    model_dir = Path(with_hub_weights(resolve_model(model_name, model.cache_dir)))
     with_tokenizer = [path for path in adapter_dirs if has_tokenizer(path)]
     tokenizer_dir = with_tokenizer[-1] if with_tokenizer else model_dir
     if not has_tokenizer(tokenizer_dir):
@@ -46,57 +58,22 @@ def resolve_sources(keys: InferenceModelKeys) -> ExportSources:
             + (" and neither has any adapter directory" if adapter_dirs else "")
             + "; copy the tokenizer files of the base model there"
         )
-    qlora = tuple(path for path in adapter_dirs if saved_training_key(path, "quantization_bit") is not None)
-    return ExportSources(model_name, model_dir, adapter_dirs, tokenizer_dir, bases, qlora)
+    qlora = tuple(path for path in adapter_dirs if saved_training_value(path, "quantization_bit") is not None)
+    return ExportSources(model_name, model_dir, adapter_dirs, tokenizer_dir, qlora)
 
 
-def local_model_dir(name: str, cache_dir: str | None) -> Path:
-    resolved = resolve_model(name, cache_dir)
-    if Path(resolved).is_dir():
-        return Path(resolved)
-    from huggingface_hub import snapshot_download  # a hub id: only its safetensors, configs and tokenizer
+def check_adapters_fit(sources: ExportSources, trust_remote_code: bool) -> None:
+    """Refuse an adapter trained on another model (the message names both), before any weight is read."""
+    if not sources.adapter_dirs:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
-    return Path(snapshot_download(resolved, allow_patterns=patterns, cache_dir=cache_dir))
-
-
-def check_adapter_dir(name: str) -> Path:
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        raise ModelError(f"adapter directory {path} does not exist; pass the output_dir of a LoRA training run")
-    if not (path / "adapter_config.json").is_file():
-        if (path / "config.json").is_file():
-            raise ModelError(
-                f"{path} holds a full model, not an adapter; export it with model_name_or_path={path} "
-                "finetuning_type=full and no adapter_name_or_path"
-            )
-        raise ModelError(f"{path} has no adapter_config.json; is it the output_dir of a LoRA training run?")
-    if not (path / "adapter_model.safetensors").is_file():
-        raise ModelError(f"{path} has no adapter_model.safetensors (tunesmith reads safetensors adapters only)")
-    return path
+    config = AutoConfig.from_pretrained(sources.model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    for adapter_dir in sources.adapter_dirs:
+        check_adapter_fits(skeleton, adapter_dir, sources.model_name)
 
 
 def has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer_config.json").is_file()
-
-
-def saved_training_key(directory: Path, key: str) -> object:
-    """A key from the training config saved in `directory` (flat, or nested by section), or None."""
-    config_file = directory / SAVED_CONFIG_FILE
-    if not config_file.is_file():
-        return None
-    config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    if not isinstance(config, dict):
-        return None
-    if key in config:
-        return config[key]
-    sections = [value for value in config.values() if isinstance(value, dict)]
-    return next((section[key] for section in sections if key in section), None)
-
-
-def adapter_base_model(adapter_dir: Path) -> str | None:
-    saved = saved_training_key(adapter_dir, "model_name_or_path")
-    if saved:
-        return str(saved)
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    return adapter_config.get("base_model_name_or_path") or None

@@ -190,18 +190,23 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     return json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
 
 
+def saved_training_value(run_dir: Path, key: str) -> Any:
+    """A key of the training config saved in a run's output_dir, or None (no saved config, or no such key)."""
+    config_file = run_dir / SAVED_CONFIG_FILE
+    saved = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+    if not isinstance(saved, dict):
+        return None
+    if key in saved:
+        return saved[key]
+    # The saved config is flat; one nested by section (model: {model_name_or_path: ...}) is read too.
+    return next((section[key] for section in saved.values() if isinstance(section, dict) and key in section), None)
+
+
 def recorded_base_model(adapter_dir: Path) -> str | None:
     """The model the adapter was trained on: from tunesmith's saved config, else from peft's adapter_config.json."""
-    config_file = adapter_dir / SAVED_CONFIG_FILE
-    if config_file.is_file():
-        saved = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-        saved = saved if isinstance(saved, dict) else {}
-        # The saved config is flat; one nested by section (model: {model_name_or_path: ...}) is read too.
-        section = saved.get("model") if isinstance(saved.get("model"), dict) else {}
-        name = saved.get("model_name_or_path") or section.get("model_name_or_path")
-        if name:
-            return str(name)
-    name = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    name = saved_training_value(adapter_dir, "model_name_or_path") or read_adapter_config(adapter_dir).get(
+        "base_model_name_or_path"
+    )
     return str(name) if name else None
 
 
