@@ -112,10 +112,13 @@ def test_directory_is_complete(tiny_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter")
     tokenizer.chat_template = trained_template
     tokenizer.save_pretrained(tmp_path / "adapter")
-    config = json.loads((tiny_model_dir / "config.json").read_text())
+    model_dir = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
     config["quantization_config"] = None  # a key left by a quantized load must not survive
+    (model_dir / "config.json").write_text(json.dumps(config))
     result = run_export(
-        f"model_name_or_path={tiny_model_dir}",
+        f"model_name_or_path={model_dir}",
         f"adapter_name_or_path={tmp_path / 'adapter'}",
         f"export_dir={tmp_path / 'merged'}",
         "export_size=0.00315",
@@ -143,11 +146,15 @@ def test_directory_is_complete(tiny_model_dir, tmp_path):
     assert not list(tmp_path.glob(".merged*"))  # no temporary directory left
 
 
-def test_full_run_directory_exports(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("finetuning_type", ["full", "freeze"])
+def test_full_run_directory_exports(tiny_model_dir, tmp_path, finetuning_type):
     run_dir = tmp_path / "full_run"
     shutil.copytree(tiny_model_dir, run_dir)
     result = run_export(
-        f"model_name_or_path={run_dir}", "finetuning_type=full", f"export_dir={tmp_path / 'out'}", "infer_dtype=float32"
+        f"model_name_or_path={run_dir}",
+        f"finetuning_type={finetuning_type}",
+        f"export_dir={tmp_path / 'out'}",
+        "infer_dtype=float32",
     )
     assert result.shard_files == ["model.safetensors"]
     torch.testing.assert_close(logits(load_exported(tmp_path / "out")), logits(load_exported(run_dir)), atol=0, rtol=0)
@@ -350,9 +357,31 @@ def test_qlora_adapter_merges_with_a_note(tiny_model_dir, tmp_path, capsys):
         f"model_name_or_path: {tiny_model_dir}\nquantization_bit: 4\n"
     )
     run_export(f"adapter_name_or_path={tmp_path / 'adapter'}", f"export_dir={tmp_path / 'merged'}")
-    output = capsys.readouterr().out
-    assert "trained on a quantized base" in output and "rounding" in output
-    assert "bfloat16" in output  # the dtype written is said
+    output = capsys.readouterr()
+    assert "trained on a quantized base" in output.out and "rounding" in output.out
+    assert "bfloat16" in output.out  # the dtype written is said
+    assert "merging tensors" in output.err and "model.safetensors" in output.err  # the progress bar, with its shard
+
+
+def test_hub_upload_gets_the_complete_directory(tiny_model_dir, tmp_path, monkeypatch):
+    """export_hub_model_id: the upload is called with the finished directory (huggingface.co is not reachable here)."""
+    import huggingface_hub
+
+    calls = []
+
+    class RecordingApi:
+        def create_repo(self, repo_id, exist_ok):
+            calls.append(("create_repo", repo_id, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id):
+            calls.append(("upload_folder", repo_id, sorted(path.name for path in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    run_export(f"model_name_or_path={tiny_model_dir}", f"export_dir={tmp_path / 'out'}", "export_hub_model_id=me/m")
+    assert calls[0] == ("create_repo", "me/m", True)
+    assert calls[1][:2] == ("upload_folder", "me/m") and {"config.json", "model.safetensors", "Modelfile"} <= set(
+        calls[1][2]
+    )
 
 
 def test_quantized_base_is_refused(tiny_model_dir, tmp_path):
