@@ -147,10 +147,12 @@ def run_peft(base: Path, adapter: Path, out: Path, shard: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    # Loaded in its own dtype, merged, then cast, as tunesmith writes it: merging into weights already cast to
+    # bfloat16 would round twice (a float32 base then differs by hundreds of bfloat16 steps in 17% of its values).
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     if adapter.is_dir():
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.save_pretrained(out, max_shard_size=shard)
+    model.to(torch.bfloat16).save_pretrained(out, max_shard_size=shard)
 
 
 def compare(ours: Path, theirs: Path) -> dict:
