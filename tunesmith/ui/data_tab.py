@@ -16,6 +16,7 @@ from typing import Any
 from tunesmith.errors import TunesmithError
 from tunesmith.ui.context import UiContext
 from tunesmith.ui.locales import Labels, text
+from tunesmith.ui.more_keys import as_arguments, parse_more_keys
 
 IGNORE_INDEX = -100  # data/encode.py's label of an untrained token
 MODEL_TEMPLATE = "(the model's own)"
@@ -33,8 +34,6 @@ FORM_KEYS = tuple(FORM_DEFAULTS)
 
 
 def data_args(form: dict[str, Any], context: UiContext) -> list[str]:
-    from tunesmith.ui.evaluate_tab import extra_keys
-
     policy = context.policy
     keys = {
         "model_name_or_path": policy.model(form["model_name_or_path"]),
@@ -45,8 +44,8 @@ def data_args(form: dict[str, Any], context: UiContext) -> list[str]:
     }
     if form["template"] not in (None, "", MODEL_TEMPLATE):
         keys["template"] = form["template"]
-    keys.update(extra_keys(form["extra"], set(keys)))
-    return [f"{key}={value}" for key, value in keys.items()]
+    keys.update(parse_more_keys(form["extra"], keys))
+    return as_arguments(keys)
 
 
 def run_data_command(args: list[str], context: UiContext) -> subprocess.CompletedProcess:

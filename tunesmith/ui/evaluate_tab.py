@@ -10,12 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.ui import jobs
 from tunesmith.ui.context import UiContext
 from tunesmith.ui.locales import Labels, text
+from tunesmith.ui.more_keys import as_arguments, parse_more_keys
 
 KIND = "evaluate"
 LOG_FILE = "webui_evaluate.log"
@@ -78,26 +77,8 @@ def command_args(form: dict[str, Any], context: UiContext) -> tuple[list[str], P
         if int(form["limit"] or 0) > 0:
             keys["limit"] = int(form["limit"])
         keys["save_dir"] = str(output_dir)
-    keys.update(extra_keys(form["extra"], set(keys)))
-    return [mode, *(f"{key}={value}" for key, value in keys.items())], output_dir
-
-
-def extra_keys(raw: str, taken: set[str]) -> dict[str, Any]:
-    """More keys as YAML (`name: Tunesmith`); each becomes a `key=value` argument, checked by the command's loader."""
-    if not (raw or "").strip():
-        return {}
-    try:
-        parsed = yaml.safe_load(raw)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"More keys: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(parsed, dict):
-        raise ConfigError("More keys: expected `key: value` lines")
-    clash = sorted(set(parsed) & taken)
-    if clash:
-        raise ConfigError(f"More keys: {', '.join(clash)} are set in the form above; change them there")
-    if parsed.get("trust_remote_code"):
-        raise ConfigError("More keys: trust_remote_code runs Python shipped with a model; the web UI never does")
-    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in parsed.items()}
+    keys.update(parse_more_keys(form["extra"], keys))
+    return [mode, *as_arguments(keys)], output_dir
 
 
 def start(form: dict[str, Any], context: UiContext) -> str:

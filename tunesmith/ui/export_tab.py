@@ -9,6 +9,7 @@ from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.ui import jobs
 from tunesmith.ui.context import UiContext
 from tunesmith.ui.locales import Labels, text
+from tunesmith.ui.more_keys import as_arguments
 
 KIND = "export"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -42,7 +43,7 @@ def command_args(form: dict[str, Any], context: UiContext) -> tuple[list[str], P
         keys["export_gguf"] = ",".join(form["export_gguf"])
     if int(form["export_num_ctx"] or 0) > 0:
         keys["export_num_ctx"] = int(form["export_num_ctx"])
-    return ["export", *(f"{key}={value}" for key, value in keys.items())], export_dir
+    return ["export", *as_arguments(keys)], export_dir
 
 
 def start(form: dict[str, Any], context: UiContext) -> str:

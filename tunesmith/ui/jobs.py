@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ class Job:
         return self.state in ("running", "stopping")
 
     def record(self) -> dict[str, Any]:
-        return {key: value for key, value in asdict(self).items() if key != "process"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "process"}
 
 
 def quote(arg: str) -> str:

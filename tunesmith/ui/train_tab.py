@@ -18,6 +18,7 @@ from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.ui import jobs
 from tunesmith.ui.context import UiContext
 from tunesmith.ui.locales import Labels, text
+from tunesmith.ui.more_keys import parse_more_keys
 
 CONFIG_FILE = "train_config.yaml"
 LOG_FILE = "webui_train.log"
@@ -127,7 +128,7 @@ def run_values(form: dict[str, Any], context: UiContext) -> dict[str, Any]:
     values["output_dir"] = str(policy.output_dir(form["output_dir"], "output_dir"))
     if form["overwrite_output_dir"]:
         values["overwrite_output_dir"] = True
-    values.update(extra_keys(form["extra"]))
+    values.update(parse_more_keys(form["extra"], FORM_CONFIG_KEYS))
     return values
 
 
@@ -144,27 +145,6 @@ def deepspeed_value(choice: str, context: UiContext) -> str:
     if choice in SHIPPED:
         return choice
     return str(context.policy.resolve(choice, "deepspeed"))
-
-
-def extra_keys(raw: str) -> dict[str, Any]:
-    """The "More keys" box: YAML mapping of further config keys (checked by the config loader like the rest)."""
-    if not (raw or "").strip():
-        return {}
-    try:
-        parsed = yaml.safe_load(raw)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"More keys: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(parsed, dict):
-        raise ConfigError("More keys: expected `key: value` lines")
-    taken = sorted(set(parsed) & FORM_CONFIG_KEYS)
-    if taken:
-        raise ConfigError(f"More keys: {', '.join(taken)} are set in the form above; change them there")
-    if parsed.get("trust_remote_code"):
-        raise ConfigError(
-            "More keys: trust_remote_code runs Python shipped with a model; the web UI never does. "
-            "Run `tunesmith train` from a terminal if you trust that code"
-        )
-    return parsed
 
 
 def config_yaml(values: dict[str, Any]) -> str:
