@@ -9,6 +9,7 @@ are read as Gradio reads them; analytics are always off.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import os
 from pathlib import Path
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     share = args.share or os.environ.get("GRADIO_SHARE", "").lower() in ("1", "true", "yes")
     auth = parse_auth(args.auth or os.environ.get("GRADIO_AUTH"))
     check_exposure(host, share, auth)
+    if importlib.util.find_spec("gradio") is None:
+        raise ConfigError("tunesmith webui needs gradio: install the webui extra, pip install 'tunesmith[webui]'")
 
     from tunesmith.paths import cache_root
     from tunesmith.ui.app import CSS, create_app
