@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tunesmith.ui.jobs import TRAINING_BAR
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -146,6 +147,18 @@ def wait_for_state(page, wanted: str, timeout_s: float) -> None:
     )
 
 
+def state_in_a_new_page(browser, server) -> str:
+    """The train job's state as a browser opened now sees it (the job belongs to the server, not to a page)."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server)
+    login(page, USER, PASSWORD)
+    page.locator("#train-progress[data-state]").wait_for(timeout=30_000)
+    state = progress_state(page)
+    context.close()
+    return state
+
+
 def test_wrong_password_is_refused(browser, server):
     context = browser.new_context()
     page = context.new_page()
@@ -205,6 +218,8 @@ def trained_run(browser, server, workspace, screenshots) -> dict:
         seen["stopped_text"] = page.locator("#train-progress").inner_text()
 
         page.locator("#train-resume").click()
+        wait_for_state(page, "running", 60)
+        seen["reopened_state"] = state_in_a_new_page(browser, server)
         wait_for_state(page, "finished", 240)
         seen["finished_text"] = page.locator("#train-progress").inner_text()
         page.wait_for_timeout(1500)  # one more refresh: the plot of the last steps
@@ -238,7 +253,13 @@ def test_stop_leaves_a_checkpoint_that_resume_continues(trained_run):
     stopped_at = int(trained_run["checkpoints"][-1].split("-")[1])
     assert 0 < stopped_at < STEPS
     log = (trained_run["output_dir"] / "webui_train.log").read_text()
-    assert "resume_from_checkpoint=true" in log
+    resumed = log.split("resume_from_checkpoint=true", 1)[1]
+    first_step = int(TRAINING_BAR.search(resumed).group(1))  # the resumed run's bar starts at the checkpoint
+    assert first_step == stopped_at
+
+
+def test_a_reopened_browser_finds_the_running_job(trained_run):
+    assert trained_run["reopened_state"] in ("running", "stopping", "finished")
 
 
 def test_chat_streams_an_answer_from_the_trained_adapter(page, trained_run):

@@ -137,6 +137,8 @@ def test_progress_is_read_from_the_runs_own_progress_bar(tmp_path):
     assert progress.elapsed and progress.remaining
     assert "\r" not in jobs.log_tail(log) and jobs.log_tail(log).count("Training") == 1
     assert jobs.training_progress(tmp_path / "missing.log") is None
+    (tmp_path / "predict.log").write_text("predict: 8/20 rows\npredict: 16/20 rows\n")  # evaluate/predict.py's lines
+    assert jobs.predict_progress(tmp_path / "predict.log").step == 16
 
 
 def test_loss_plot_has_a_point_per_logged_loss():
@@ -176,6 +178,10 @@ def test_stop_sends_ctrl_c_to_the_jobs_process_group(context, tmp_path):
     assert registry.stop("train").state == "stopping"
     process.wait(timeout=30)
     assert registry.get("train").state == "stopped" and registry.get("train").returncode == 130
+    # no checkpoint was written: the page does not claim one
+    assert "stopped before the first checkpoint" in train_tab.progress_html(registry.get("train"), "en")
+    (tmp_path / "checkpoint-3").mkdir()
+    assert "checkpoint saved" in train_tab.progress_html(registry.get("train"), "en")
 
 
 def test_memory_estimate_says_whether_the_run_fits(context, tiny_model_dir, identity_data, tmp_path):

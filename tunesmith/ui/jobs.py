@@ -57,7 +57,6 @@ class Job:
     started: float
     state: str = "running"  # running | stopping | finished | stopped | failed | ended (outlived the server)
     returncode: int | None = None
-    first_progress_s: float | None = None  # seconds from start to the first progress line
     process: subprocess.Popen | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -92,6 +92,7 @@ TEXTS: dict[str, tuple[str, str]] = {
     "running": ("Running", "运行中"),
     "finished": ("finished", "已完成"),
     "stopped": ("stopped (checkpoint saved; press Resume to continue)", "已停止（已保存检查点，可继续训练）"),
+    "stopped_early": ("stopped before the first checkpoint (none written)", "在首个检查点之前停止（未保存）"),
     "failed": ("failed", "失败"),
     "stopping": ("stopping: saving a checkpoint after this step ...", "正在停止：本步结束后保存检查点……"),
     "exit_code": ("exit code", "退出码"),

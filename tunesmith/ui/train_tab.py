@@ -284,8 +284,6 @@ def progress_html(job: jobs.Job | None, lang: str) -> str:
     if job is None:
         return f'<div id="train-progress"><span class="state">{text("idle", lang)}</span></div>'
     progress = jobs.training_progress(job.log_path)
-    if progress is not None and job.first_progress_s is None:
-        job.first_progress_s = round(time_since(job.started), 1)
     records = jobs.read_metrics(job.output_dir)
     speed = next((r["tokens_per_second"] for r in reversed(records) if "tokens_per_second" in r), None)
     if job.active and progress is None:
@@ -297,7 +295,10 @@ def progress_html(job: jobs.Job | None, lang: str) -> str:
         if job.state == "stopping":
             line += f" · {text('stopping', lang)}"
     else:
-        line = text(job.state if job.state in ("finished", "stopped", "failed") else "failed", lang)
+        state = job.state if job.state in ("finished", "stopped", "failed") else "failed"
+        if state == "stopped" and not checkpoint_written_since(Path(job.output_dir), job.started):
+            state = "stopped_early"  # Ctrl-C while the model or data was still loading
+        line = text(state, lang)
         if progress is not None:
             line += f": {progress.step}/{progress.total}"
         if job.returncode not in (None, 0):
@@ -312,10 +313,8 @@ def progress_html(job: jobs.Job | None, lang: str) -> str:
     )
 
 
-def time_since(started: float) -> float:
-    import time
-
-    return time.time() - started
+def checkpoint_written_since(output_dir: Path, started: float) -> bool:
+    return any(path.stat().st_mtime >= started for path in output_dir.glob("checkpoint-*"))
 
 
 def loss_svg(records: list[dict[str, Any]], width: int = 520, height: int = 220) -> str:
