@@ -251,3 +251,16 @@ def test_data_preview_highlights_the_trained_tokens(context, tiny_model_dir):
 def test_every_text_has_english_and_chinese():
     for key, (english, chinese) in TEXTS.items():
         assert english.strip() and chinese.strip(), key
+
+
+def test_data_tab_runs_data_preview_and_highlights_what_it_returns(context, tiny_model_dir, identity_data):
+    form = {
+        **data_tab.FORM_DEFAULTS,
+        "model_name_or_path": str(tiny_model_dir),
+        "dataset_dir": str(identity_data),
+        "extra": "name: Tunesmith\nauthor: the tunesmith team",
+    }
+    shown = data_tab.preview(form, 2, context)
+    assert shown.count('class="example"') == 2, shown
+    assert '<span class="trained">Hello! I am Tunesmith' in shown
+    assert "error" in data_tab.preview({**form, "dataset": "no_such_set"}, 2, context)

@@ -74,7 +74,7 @@ def preview(form: dict[str, Any], count: int, context: UiContext) -> str:
         args = data_args(form, context)
     except TunesmithError as error:
         return f"<pre>error: {html.escape(str(error))}</pre>"
-    completed = run_data_command(["preview", "--json", "-n", str(int(count)), *args], context)
+    completed = run_data_command(["preview", *args, "--json", "-n", str(int(count))], context)
     if completed.returncode != 0:
         return f"<pre>{html.escape((completed.stdout + completed.stderr).strip())}</pre>"
     examples = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
