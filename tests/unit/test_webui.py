@@ -264,3 +264,23 @@ def test_data_tab_runs_data_preview_and_highlights_what_it_returns(context, tiny
     assert shown.count('class="example"') == 2, shown
     assert '<span class="trained">Hello! I am Tunesmith' in shown
     assert "error" in data_tab.preview({**form, "dataset": "no_such_set"}, 2, context)
+
+
+def test_predict_runs_as_a_job_and_its_predictions_fill_the_table(context, tiny_model_dir, identity_data, tmp_path):
+    form = {
+        **evaluate_tab.FORM_DEFAULTS,
+        "model_name_or_path": str(tiny_model_dir),
+        "dataset_dir": str(identity_data),
+        "max_samples": 2,
+        "max_new_tokens": 4,
+        "output_dir": "predictions",
+        "extra": "name: Tunesmith\nauthor: the tunesmith team",
+    }
+    assert evaluate_tab.start(form, context).startswith("tunesmith predict ")
+    deadline = time.time() + 180
+    while context.jobs.get("evaluate").active and time.time() < deadline:
+        time.sleep(0.3)
+    status, log, scores, table = evaluate_tab.watch(context, "en")
+    assert status == "finished", log
+    assert scores["predict_samples"] == 2 and "predict_bleu-4" in scores
+    assert len(table) == 2 and "Tunesmith" in table[0][2]  # label column: the identity answer
