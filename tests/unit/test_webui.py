@@ -284,3 +284,13 @@ def test_predict_runs_as_a_job_and_its_predictions_fill_the_table(context, tiny_
     assert status == "finished", log
     assert scores["predict_samples"] == 2 and "predict_bleu-4" in scores
     assert len(table) == 2 and "Tunesmith" in table[0][2]  # label column: the identity answer
+
+
+def test_the_page_is_built_in_the_language_asked_for(context):
+    pytest.importorskip("gradio")
+    from tunesmith.ui.app import create_app
+
+    page = create_app(context, "zh").get_config_file()
+    labels = [c["props"].get("label") for c in page["components"] if c.get("props", {}).get("label")]
+    assert {"训练", "对话", "评估与预测", "导出", "数据", "学习率", "数据集"} <= set(labels)
+    assert not {"Textbox", "Number", "Dropdown", "Train"} & set(labels)  # every field has its text, in Chinese

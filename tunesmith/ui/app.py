@@ -17,11 +17,11 @@ CSS = data_tab.CSS
 def create_app(context: UiContext, lang: str = "en") -> Any:
     import gradio as gr
 
-    labels = Labels()
+    labels = Labels(lang)
     with gr.Blocks(title=f"tunesmith ({socket.gethostname()})") as app:
         with gr.Row():
             labels.add(gr.Markdown(elem_id="title"), "title", "value")
-            language = labels.add(gr.Radio(list(LANGUAGES), value="en", elem_id="language"), "language")
+            language = labels.add(gr.Radio(list(LANGUAGES), value=lang, elem_id="language"), "language")
         timer = gr.Timer(REFRESH_S)
         with gr.Tabs():
             with labels.add(gr.Tab(id="train"), "tab_train"):
@@ -44,6 +44,4 @@ def create_app(context: UiContext, lang: str = "en") -> Any:
             [language, *train_inputs],
             memory,
         )
-        if lang != "en":
-            app.load(relabel, language, labels.components).then(lambda: lang, None, language)
     return app

@@ -116,11 +116,12 @@ def text(key: str, lang: str) -> str:
 class Labels:
     """The components whose label (or value, for buttons and headings) is a text: relabelled on a language change."""
 
+    lang: str = "en"  # the language the page opens in
     entries: list[tuple[Any, str, str]] = field(default_factory=list)
 
-    def add(self, component: Any, key: str, attribute: str = "label", lang: str = "en") -> Any:
-        """Give `component` its text in `lang` (set before the page renders) and remember it for relabelling."""
-        setattr(component, attribute, text(key, lang))
+    def add(self, component: Any, key: str, attribute: str = "label") -> Any:
+        """Give `component` its text in the page's first language and remember it for relabelling."""
+        setattr(component, attribute, text(key, self.lang))
         self.entries.append((component, key, attribute))
         return component
 

@@ -366,8 +366,9 @@ def watch(context: UiContext, lang: str) -> tuple[str, str, str]:
 # --- the layout ------------------------------------------------------------------------------------------------------
 
 
-def build(context: UiContext, labels: Labels, lang, timer) -> None:
-    """The tab's components and events (inside the app's Blocks and this tab)."""
+def build(context: UiContext, labels: Labels, lang, timer) -> tuple[Any, list[Any]]:
+    """The tab's components and events (inside the app's Blocks and this tab); returns the memory estimate's box
+    and the form's inputs, which the page fills when it loads."""
     import gradio as gr
 
     from tunesmith.config.deepspeed_config import SHIPPED
@@ -396,7 +397,11 @@ def build(context: UiContext, labels: Labels, lang, timer) -> None:
         form["dataset_dir"] = labels.add(gr.Textbox(d["dataset_dir"], elem_id="train-dataset-dir"), "dataset_dir")
         form["dataset"] = labels.add(
             gr.Dropdown(
-                dataset_names(d["dataset_dir"], context), value=d["dataset"], multiselect=True, elem_id="train-dataset"
+                dataset_names(d["dataset_dir"], context),
+                value=d["dataset"],
+                multiselect=True,
+                allow_custom_value=True,  # a data file's path works too
+                elem_id="train-dataset",
             ),
             "dataset",
         )
