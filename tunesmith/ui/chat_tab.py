@@ -12,9 +12,9 @@ from typing import Any
 
 from tunesmith.errors import TunesmithError
 from tunesmith.ui.context import UiContext
+from tunesmith.ui.forms import MODEL_TEMPLATE
 from tunesmith.ui.locales import Labels, text
 
-MODEL_TEMPLATE = "(the model's own)"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

@@ -15,11 +15,10 @@ from typing import Any
 
 from tunesmith.errors import TunesmithError
 from tunesmith.ui.context import UiContext
+from tunesmith.ui.forms import MODEL_TEMPLATE, as_arguments, parse_more_keys
 from tunesmith.ui.locales import Labels, text
-from tunesmith.ui.more_keys import as_arguments, parse_more_keys
 
 IGNORE_INDEX = -100  # data/encode.py's label of an untrained token
-MODEL_TEMPLATE = "(the model's own)"
 TIMEOUT_S = 600
 FORM_DEFAULTS: dict[str, Any] = {
     "model_name_or_path": "smollm2-135m-instruct",

@@ -13,8 +13,8 @@ from typing import Any
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.ui import jobs
 from tunesmith.ui.context import UiContext
+from tunesmith.ui.forms import as_arguments, parse_more_keys
 from tunesmith.ui.locales import Labels, text
-from tunesmith.ui.more_keys import as_arguments, parse_more_keys
 
 KIND = "evaluate"
 LOG_FILE = "webui_evaluate.log"

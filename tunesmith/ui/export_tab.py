@@ -8,8 +8,8 @@ from typing import Any
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.ui import jobs
 from tunesmith.ui.context import UiContext
+from tunesmith.ui.forms import as_arguments
 from tunesmith.ui.locales import Labels, text
-from tunesmith.ui.more_keys import as_arguments
 
 KIND = "export"
 DTYPES = ("auto", "bfloat16", "float16", "float32")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -72,8 +73,6 @@ class Job:
 
 
 def quote(arg: str) -> str:
-    import shlex
-
     return shlex.quote(arg)
 
 

@@ -17,12 +17,11 @@ from tunesmith.config.load import build_config
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.ui import jobs
 from tunesmith.ui.context import UiContext
+from tunesmith.ui.forms import MODEL_TEMPLATE, parse_more_keys
 from tunesmith.ui.locales import Labels, text
-from tunesmith.ui.more_keys import parse_more_keys
 
 CONFIG_FILE = "train_config.yaml"
 LOG_FILE = "webui_train.log"
-MODEL_TEMPLATE = "(the model's own)"
 NO_DEEPSPEED = "none"
 AUTO = "auto"
 METHODS = ("lora", "qlora", "full", "freeze")

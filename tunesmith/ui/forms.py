@@ -1,7 +1,9 @@
-"""The "More keys" box of the Train, Evaluate and Data tabs: further config keys as YAML (`name: Tunesmith`).
+"""What the tabs' forms share: the "use the model's own template" choice, and the "More keys" box (Train, Evaluate,
+Data): further config keys as YAML (`name: Tunesmith`).
 
-The command's own config loader checks them like every other key; here only what the page itself forbids is refused:
-a key the form already sets (one place for each value) and trust_remote_code (the page never runs a model's code).
+The command's own config loader checks the more keys like every other key; here only what the page itself forbids is
+refused: a key the form already sets (one place for each value) and trust_remote_code (the page never runs a
+model's code).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 import yaml
 
 from tunesmith.errors import ConfigError
+
+MODEL_TEMPLATE = "(the model's own)"  # the template choice that sets no `template` key
 
 
 def parse_more_keys(raw: str, taken: Iterable[str]) -> dict[str, Any]:
