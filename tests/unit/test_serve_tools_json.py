@@ -1,0 +1,196 @@
+"""Function calls read back from each template's tool style, and the JSON-object constraint (no server process)."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tunesmith.data.templates import TEMPLATES, find_template
+from tunesmith.data.templates.jinja_source import TEMPLATE_DIR
+from tunesmith.serve.batcher import Batcher, Finished, Job, Sampling
+from tunesmith.serve.json_mode import JsonPrefix
+from tunesmith.serve.tools import TOOL_STYLES, parse_tool_calls, tool_style
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "the city"}},
+            "required": ["city"],
+        },
+    },
+}
+CALLS = [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+    {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Zürich"}'}},
+]
+QUESTION = [{"role": "user", "content": "Weather in Paris and Zürich?"}]
+
+
+def included_style(name: str) -> str:
+    """The tool style a named template includes (its `tools_*.jinja` part)."""
+    return re.search(r'include "tools_(\w+)\.jinja"', (TEMPLATE_DIR / f"{name}.jinja").read_text())[1]
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_each_template_tool_style_is_recognised(name):
+    assert tool_style(find_template(name).jinja) == included_style(name)
+
+
+def test_a_template_without_tools_has_no_style(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    assert tool_style(AutoTokenizer.from_pretrained(tiny_model_dir).chat_template) is None  # SmolLM2's own
+    assert set(TOOL_STYLES) == {included_style(name) for name in TEMPLATES}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_calls_the_template_writes_parse_back(name, tokenizer):
+    """The assistant turn a template renders for tool calls (what a model trained on it answers) is parsed back
+    into the same calls; history with a tool result renders too."""
+    template = find_template(name)
+    style = tool_style(template.jinja)
+    calls = CALLS[:1] if style == "glm4" else CALLS  # GLM-4's style has one call per turn
+    tokenizer.chat_template = template.jinja
+
+    def render(messages, generation_prompt):
+        return tokenizer.apply_chat_template(
+            messages, tools=[WEATHER], add_generation_prompt=generation_prompt, tokenize=False, date_string="1 Jan"
+        )
+
+    prompt = render(QUESTION, True)
+    assert "get_weather" in prompt  # the tool definitions are shown
+    answer = {"role": "assistant", "content": None, "tool_calls": calls}
+    whole = render([*QUESTION, answer], False)
+    assert whole.startswith(prompt)
+    text = whole[len(prompt) :]
+    # generation stops at the end token (GLM-4 models also stop at <|observation|>, in their generation config)
+    for end in (template.end_of_turn, tokenizer.eos_token, "<|observation|>"):
+        if end and end in text:
+            text = text[: text.index(end)]
+    content, parsed = parse_tool_calls(style, text, {"get_weather"})
+    assert [(call.name, json.loads(call.arguments)) for call in parsed] == [
+        (call["function"]["name"], json.loads(call["function"]["arguments"])) for call in calls
+    ]
+    assert not content
+    tool_result = {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}
+    assert "sunny, 21 C" in render([*QUESTION, answer, tool_result], True)
+
+
+@pytest.mark.parametrize(
+    ("style", "text"),
+    [
+        ("qwen", "The weather is nice."),
+        ("qwen", '<tool_call>\n{"name": "unknown_tool", "arguments": {}}\n</tool_call>'),
+        ("qwen", "<tool_call>\n{not json}\n</tool_call>"),
+        ("llama3", '{"name": "get_weather"'),
+        ("mistral", '[{"name": "get_weather", "arguments": [1]}]'),
+        ("default", "Action: get_weather\nAction Input: city=Paris"),
+        ("glm4", "get_weather\nParis"),
+    ],
+)
+def test_text_that_is_not_a_call_stays_text(style, text):
+    assert parse_tool_calls(style, text, {"get_weather"}) == (text, [])
+
+
+def test_text_before_calls_is_the_content():
+    content, calls = parse_tool_calls(
+        "qwen", 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}', {"get_weather"}
+    )
+    assert content == "Let me check."
+    assert [(call.name, json.loads(call.arguments)) for call in calls] == [("get_weather", {"city": "Oslo"})]
+
+
+# The JSON-object constraint.
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=5), st.sampled_from([None, 2]), st.booleans())
+def test_every_prefix_of_a_json_object_is_accepted_and_completes(value, indent, ascii_only):
+    text = json.dumps(value, indent=indent, ensure_ascii=ascii_only)
+    state = JsonPrefix()
+    for end in range(len(text)):
+        state = state.feed(text[end])
+        assert state is not None, text[: end + 1]
+        if end < len(text) - 1:
+            assert not state.done
+            assert isinstance(json.loads(text[: end + 1] + state.completion()), dict)
+    assert state.done
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet='{}[]":,. -+0123456789eEtruefalsn\\\nab', max_size=24))
+def test_accepted_text_completes_to_json_and_refused_text_is_not_json(text):
+    state = JsonPrefix().feed(text)
+    if state is None and text[:1] not in (" ", "\n"):  # the answer must start with its `{`
+        with pytest.raises(ValueError):
+            if not isinstance(json.loads(text), dict):
+                raise ValueError("not an object")
+    elif state is not None:
+        assert isinstance(json.loads(text + state.completion()), dict)
+
+
+@pytest.fixture(scope="module")
+def batcher(tiny_model_dir):
+    from tunesmith.chat.engine import load_chat_engine
+    from tunesmith.config.sections import ModelSection
+
+    engine = load_chat_engine(ModelSection(model_name_or_path=str(tiny_model_dir)))
+    worker = Batcher(engine.model, engine.tokenizer, [engine.tokenizer.eos_token_id], max_batch_size=4, max_queue=8)
+    worker.start()
+    yield worker, engine.tokenizer
+    worker.stop()
+
+
+def answers(worker: Batcher, prompt: list[int], sampling: Sampling, n: int) -> list[Finished | str]:
+    texts, finished, done = [""] * n, {}, threading.Event()
+
+    def deliver(event) -> None:
+        texts[event.index] += getattr(event, "text", "")
+        if isinstance(event, Finished):
+            finished[event.index] = event
+            if len(finished) == n:
+                done.set()
+
+    worker.submit(Job(prompt, sampling, n, deliver, deadline=time.monotonic() + 120))
+    assert done.wait(120)
+    return [(texts[index], finished[index].reason) for index in range(n)]
+
+
+def test_json_mode_makes_a_random_model_answer_json_objects(batcher):
+    worker, tokenizer = batcher
+    prompt = tokenizer("Describe a cat as JSON:")["input_ids"]
+
+    def sampling(json_object: bool, temperature: float, max_new_tokens: int = 24) -> Sampling:
+        return Sampling(max_new_tokens, temperature, 1.0, 0, 1.3, seed=3, json_object=json_object)
+
+    (free,) = answers(worker, prompt, sampling(False, 0.0), 1)
+    with pytest.raises(ValueError):  # without the constraint the random model's text is not JSON
+        json.loads(free[0])
+    constrained = answers(worker, prompt, sampling(True, 0.0), 1) + answers(worker, prompt, sampling(True, 1.0), 3)
+    constrained += answers(worker, prompt, sampling(True, 1.0, max_new_tokens=6), 2)  # closed within the limit
+    for text, _ in constrained:
+        assert isinstance(json.loads(text), dict), text
+    assert len({text for text, _ in constrained}) > 2  # sampling still samples
