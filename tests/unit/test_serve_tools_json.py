@@ -194,3 +194,103 @@ def test_json_mode_makes_a_random_model_answer_json_objects(batcher):
     for text, _ in constrained:
         assert isinstance(json.loads(text), dict), text
     assert len({text for text, _ in constrained}) > 2  # sampling still samples
+
+
+# infer_backend: vllm, and chat templates read from files.
+
+
+def test_vllm_backend_is_refused_clearly_where_it_cannot_run(tiny_model_dir, capsys):
+    import importlib.util
+
+    import torch
+
+    from tunesmith import cli
+
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM and a GPU are here: the backend would start")
+    assert cli.main(["serve", f"model_name_or_path={tiny_model_dir}", "infer_backend=vllm"]) == 2
+    error = capsys.readouterr().err
+    reason = "not installed" if importlib.util.find_spec("vllm") is None else "needs a CUDA GPU"
+    assert "`infer_backend: vllm`" in error and reason in error, error
+    # the other commands generate with transformers only, and say so before loading anything
+    assert cli.main(["chat", "--model", "/no/such/model", "infer_backend=vllm", "--prompt", "hi"]) == 2
+    assert "only `tunesmith serve` has it" in capsys.readouterr().err
+
+
+class ScriptedVllmEngine:
+    """vLLM's LLMEngine surface that VllmBackend uses (add_request, step, abort_request), replaying scripted
+    cumulative outputs, as vLLM's default output kind reports them; vLLM itself needs a GPU."""
+
+    def __init__(self, script: list[list[tuple[str, int, str | None]]]):
+        self.script, self.requests, self.aborted = script, [], []
+
+    def add_request(self, request_id, prompt, params, lora_request=None):
+        self.requests.append((request_id, prompt, params, lora_request))
+
+    def abort_request(self, request_ids):
+        self.aborted += request_ids
+
+    def step(self):
+        from types import SimpleNamespace
+
+        if not self.script:
+            time.sleep(0.01)
+            return []
+        outputs = [
+            SimpleNamespace(index=index, text=text, token_ids=[0] * tokens, finish_reason=reason)
+            for index, (text, tokens, reason) in enumerate(self.script.pop(0))
+        ]
+        finished = all(output.finish_reason for output in outputs)
+        return [SimpleNamespace(request_id=self.requests[-1][0], outputs=outputs, finished=finished)]
+
+
+def test_vllm_backend_turns_cumulative_outputs_into_the_batchers_events(monkeypatch):
+    from tunesmith.serve import vllm_backend
+
+    monkeypatch.setattr(vllm_backend, "sampling_params", lambda job, skip: ("params", job.n))
+    script = [
+        [("Hel", 1, None), ("A", 1, None)],
+        [("Hello", 2, None), ("A\ufffd", 2, None)],  # half a character is held back
+        [("Hello!", 3, "stop"), ("Aé b", 3, None)],
+        [("Hello!", 3, "stop"), ("Aé bc", 4, "length")],
+    ]
+    engine = ScriptedVllmEngine(script)
+    backend = vllm_backend.VllmBackend(engine, lora_request="the-lora", max_queue=2)
+    events, done = [], threading.Event()
+
+    def deliver(event) -> None:
+        events.append(event)
+        if sum(isinstance(seen, Finished) for seen in events) == 2:
+            done.set()
+
+    sampling = Sampling(8, 0.0, 1.0, 0, 1.0, None)
+    backend.start()
+    try:
+        backend.submit(Job([1, 2, 3], sampling, 2, deliver, deadline=time.monotonic() + 30, label="r1"))
+        assert done.wait(10)
+    finally:
+        backend.stop()
+    ((_, prompt, params, lora),) = engine.requests
+    assert (prompt, params, lora) == ({"prompt_token_ids": [1, 2, 3]}, ("params", 2), "the-lora")
+    by_choice = {index: [event for event in events if event.index == index] for index in (0, 1)}
+    assert "".join(event.text for event in by_choice[0]) == "Hello!"
+    assert "".join(event.text for event in by_choice[1]) == "Aé bc"
+    assert all("\ufffd" not in event.text for event in events)
+    assert [(event.reason, event.completion_tokens) for event in events if isinstance(event, Finished)] == [
+        ("stop", 3),
+        ("length", 4),
+    ]
+
+
+def test_a_chat_template_file_renders_in_the_sandbox(tmp_path, tokenizer):
+    import jinja2.exceptions
+
+    from tunesmith.data.templates import install_chat_format, resolve_chat_format
+
+    hostile = tmp_path / "hostile.jinja"
+    hostile.write_text(
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    install_chat_format(tokenizer, resolve_chat_format(str(hostile), tokenizer))
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        tokenizer.apply_chat_template(QUESTION, tokenize=False)
