@@ -220,6 +220,7 @@ def test_unsupported_fields_are_refused_by_name(client):
         ("response_format", schema, "response_format.type"),
         ("tool_choice", "required", "tool_choice"),
         ("messages", [{"role": "user", "content": [image]}], "messages.0.content.0.type"),
+        ("tools", [{"type": "function", "function": {"name": "f", "strict": True}}], "tools.0.function.strict"),
     ):
         fields = {"messages": HELLO, field: value, **({"tools": [WEATHER]} if field == "tool_choice" else {})}
         with pytest.raises(openai.BadRequestError) as caught:

@@ -201,11 +201,11 @@ def encode_chat(engine: Engine, chat: ChatCompletionRequest) -> list[int]:
             "tools",
         )
     if chat.json_object and not any("json" in message["content"].lower() for message in messages):
-        # OpenAI asks the client to mention JSON; we tell the model ourselves (the output is constrained anyway).
-        if messages[0]["role"] == "system":
-            messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n{JSON_INSTRUCTION}".strip()}
-        else:
-            messages.insert(0, {"role": "system", "content": JSON_INSTRUCTION})
+        # OpenAI asks the client to mention JSON; we tell the model ourselves (the output is constrained anyway), in
+        # the last user message: a system message would displace the default system and not every template has one.
+        users = [index for index, message in enumerate(messages) if message["role"] == "user"]
+        last = users[-1] if users else len(messages) - 1
+        messages[last] = {**messages[last], "content": f"{messages[last]['content']}\n\n{JSON_INSTRUCTION}".strip()}
     try:
         text = engine.render(messages, chat.template_tools())
     except jinja2.TemplateError as error:  # the chat template refused these messages (e.g. roles out of order)

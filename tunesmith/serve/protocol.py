@@ -96,7 +96,6 @@ class ChatMessage(Strict):
     )
     tool_call_id: str | None = Field(None, max_length=256)
     tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOL_CALLS)
-    name: str | None = Field(None, max_length=256, description="the speaker's or the tool's name; shown to no template")
 
     @model_validator(mode="after")
     def _check_roles(self) -> ChatMessage:
@@ -256,6 +255,14 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         )
     if request.tool_choice is not None and not request.tools:
         raise APIError(400, "`tool_choice` is given without `tools`", param="tool_choice")
+    for number, tool in enumerate(request.tools or []):
+        if tool.function.strict:
+            raise APIError(
+                400,
+                "`strict: true` is not supported: a call's arguments are parsed from the answer, not constrained to "
+                "the schema",
+                param=f"tools.{number}.function.strict",
+            )
     if request.response_format is not None:
         if request.response_format.type == "json_schema":
             raise APIError(
