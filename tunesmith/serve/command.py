@@ -129,8 +129,14 @@ def load_transformers(config: InferenceConfig, args: argparse.Namespace):
     chat = load_chat_engine(
         config.model, config.prompt.template, config.engine.infer_dtype, config.prompt.enable_thinking
     )
+    model = chat.model
+    if hasattr(model, "merge_and_unload") and not getattr(model, "is_quantized", False):
+        # The adapter merged into the weights: the same outputs (up to rounding) with one matmul per layer instead of
+        # three, which on a CPU nearly halves the time per token of a small model with LoRA on every layer. A
+        # quantized model keeps its adapter apart, as chat does (merging would round it to the quantization grid).
+        model = model.merge_and_unload()
     batcher = Batcher(
-        chat.model,
+        model,
         chat.tokenizer,
         chat.stop_token_ids(),
         args.max_batch_size,
