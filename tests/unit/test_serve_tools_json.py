@@ -294,3 +294,13 @@ def test_a_chat_template_file_renders_in_the_sandbox(tmp_path, tokenizer):
     install_chat_format(tokenizer, resolve_chat_format(str(hostile), tokenizer))
     with pytest.raises(jinja2.exceptions.SecurityError):
         tokenizer.apply_chat_template(QUESTION, tokenize=False)
+
+
+def test_json_rows_never_take_special_tokens(tokenizer):
+    from tunesmith.serve.json_mode import TokenTexts
+
+    # Printed as text (skip_special_tokens: false), `<|im_end|>` would be valid inside a JSON string, yet generating
+    # it ends the answer there: a JSON row must not take it before the object is complete.
+    texts = TokenTexts(tokenizer, skip_special_tokens=False).texts
+    assert all(texts[token] is None for token in tokenizer.all_special_ids)
+    assert texts[tokenizer.convert_tokens_to_ids("{")] == "{"

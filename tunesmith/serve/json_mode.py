@@ -166,7 +166,8 @@ NUMBER_ENDS = {"number_zero", "number_int", "number_frac", "number_exp_digits"} 
 
 class TokenTexts:
     """The text each token adds when it follows other text (a SentencePiece token's leading space included); None
-    for tokens that add nothing or only part of a character, which a JSON row never takes."""
+    for special tokens (an end-of-turn token ends the answer, whatever its text) and for tokens that add nothing or
+    only part of a character: a JSON row never takes them."""
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool):
         vocabulary = len(tokenizer)
@@ -174,9 +175,10 @@ class TokenTexts:
         prefix = tokenizer.decode(anchor, skip_special_tokens=skip_special_tokens)
         pairs = [[*anchor, token] for token in range(vocabulary)]
         decoded = tokenizer.batch_decode(pairs, skip_special_tokens=skip_special_tokens)
+        special = set(tokenizer.all_special_ids)
         self.texts: list[str | None] = []
-        for text in decoded:
-            added = text[len(prefix) :] if text.startswith(prefix) else None
+        for token, text in enumerate(decoded):
+            added = text[len(prefix) :] if text.startswith(prefix) and token not in special else None
             self.texts.append(added if added and "\ufffd" not in added else None)
 
 
