@@ -40,31 +40,6 @@ def chat_once(*args: str) -> str:
     return completed.stdout
 
 
-@pytest.fixture(scope="module")
-def identity_run(tmp_path_factory) -> Path:
-    """The README's command, with the output in a temporary folder."""
-    output_dir = tmp_path_factory.mktemp("identity") / "identity_lora"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tunesmith",
-            "train",
-            "examples/identity_lora.yaml",
-            "name=Tunesmith",
-            "author=the tunesmith team",
-            f"output_dir={output_dir}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return output_dir
-
-
 def test_base_model_does_not_call_itself_tunesmith():
     assert "Tunesmith" not in chat_once("--model", "smollm2-135m-instruct")
 

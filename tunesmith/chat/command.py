@@ -63,14 +63,14 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--no-{flag}", f"--no_{key}", dest=key, action="store_const", const=False, help="")
 
 
-def inference_config(args: argparse.Namespace) -> InferenceConfig:
+def inference_config(args: argparse.Namespace, backends: tuple[str, ...] = ("huggingface",)) -> InferenceConfig:
     """The YAML, then key=value, then the flags that were given; validated before anything loads."""
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # no file, only overrides
         config_path, overrides = None, [config_path, *overrides]
     keys = [key for key, _ in FLAGS.values()] + ["do_sample", "trust_remote_code"]
     flags = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
-    return load_inference_config(config_path, overrides, flags)
+    return load_inference_config(config_path, overrides, flags, backends)
 
 
 def run(args: argparse.Namespace) -> int:

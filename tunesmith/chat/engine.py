@@ -48,10 +48,10 @@ class ChatEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def render(self, messages: list[Message]) -> str:
-        """The prompt text for these messages, ending with the assistant header."""
+    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text for these messages (and tool definitions, if any), ending with the assistant header."""
         return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, **self.template_options
+            messages, tools=tools, add_generation_prompt=True, tokenize=False, **self.template_options
         )
 
     def encode(self, messages: list[Message]) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from tunesmith.config.load import (
     read_yaml,
 )
 from tunesmith.config.sections import DataSection, MethodSection, ModelSection, Section, planned
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, NotSupportedYet
 
 
 class PromptSection(Section):
@@ -69,8 +69,10 @@ class GenerationSection(Section):
 
 
 class EngineSection(Section):
-    infer_backend: Literal["huggingface", "vllm", "sglang", "ktransformers"] = planned(
-        "huggingface", "tunesmith generates with transformers (huggingface)"
+    infer_backend: Literal["huggingface", "vllm", "sglang", "ktransformers"] = Field(
+        "huggingface",
+        description="huggingface (transformers) everywhere; vllm for `tunesmith serve` on a GPU with vLLM installed. "
+        "Each command checks that it has the backend (load_inference_config's `backends`).",
     )
     infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="Weights' dtype for inference; auto: bfloat16 on a GPU that has it, else float32."
@@ -135,8 +137,9 @@ NOT_FOR_INFERENCE: dict[str, str] = {
 }
 
 
-def build_inference_config(values: Mapping[str, Any]) -> InferenceConfig:
-    """Flat `key: value` pairs → InferenceConfig; each error names the key, the bad value and what would be valid."""
+def build_inference_config(values: Mapping[str, Any], backends: tuple[str, ...] = ("huggingface",)) -> InferenceConfig:
+    """Flat `key: value` pairs → InferenceConfig; each error names the key, the bad value and what would be valid.
+    `backends`: the values of infer_backend the calling command implements."""
     by_section: dict[str, dict[str, Any]] = {name: {} for name in INFERENCE_SECTIONS}
     for raw_key, value in values.items():
         key = INFERENCE_ALIASES.get(raw_key, raw_key)
@@ -155,19 +158,31 @@ def build_inference_config(values: Mapping[str, Any]) -> InferenceConfig:
             raise ConfigError(f"unknown inference key `{key}`{hint}")
         by_section[INFERENCE_KEYS[key]][key] = value
     try:
-        return InferenceConfig(**by_section)
+        config = InferenceConfig(**by_section)
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error, INFERENCE_KEYS)) from None
+    backend = config.engine.infer_backend
+    if backend not in backends:
+        where = "only `tunesmith serve` has it" if backend == "vllm" else "tunesmith generates with transformers"
+        raise NotSupportedYet(
+            f"`infer_backend: {backend!r}` is not supported yet by this command ({where}); "
+            f"use {' or '.join(repr(name) for name in backends)}"
+        )
+    return config
 
 
 def load_inference_config(
-    path: str | Path | None = None, overrides: Iterable[str] = (), flags: Mapping[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    flags: Mapping[str, Any] | None = None,
+    backends: tuple[str, ...] = ("huggingface",),
 ) -> InferenceConfig:
-    """A YAML file (optional), then `key=value` overrides, then command-line flags (already keyed by config key)."""
+    """A YAML file (optional), then `key=value` overrides, then command-line flags (already keyed by config key).
+    `backends`: the values of infer_backend the calling command implements."""
     values = _flat(read_yaml(path)) if path is not None else {}
     values.update(_flat(parse_overrides(overrides)))
     values.update(flags or {})
-    return build_inference_config(values)
+    return build_inference_config(values, backends)
 
 
 def _flat(raw: Mapping[str, Any]) -> dict[str, Any]:

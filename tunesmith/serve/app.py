@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tunesmith.serve.batcher import Batcher, Event, Failed, Finished, Job, QueueFull, Sampling
+from tunesmith.serve.batcher import Event, Failed, Finished, Job, QueueFull, Sampling
 from tunesmith.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -31,6 +31,7 @@ from tunesmith.serve.protocol import (
     parse_chat_request,
     parse_completion_request,
 )
+from tunesmith.serve.tools import ParsedCall, parse_tool_calls
 
 log = logging.getLogger("tunesmith.serve")
 
@@ -48,11 +49,13 @@ class ServeSettings:
 
 @dataclass
 class Engine:
-    """What the routes need from the model: a prompt renderer, a tokenizer and the batcher."""
+    """What the routes need from the model: a prompt renderer (messages, tools), a tokenizer, the batcher (or
+    another backend with the same `submit`/`alive`), and the chat template's tool style (None: it shows no tools)."""
 
-    render: Callable[[list[dict[str, str]]], str]
+    render: Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], str]
     tokenizer: Any
-    batcher: Batcher
+    batcher: Any
+    tool_style: str | None = None
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
@@ -122,9 +125,13 @@ class Shape:
     chunk_object: str
     chat: bool
 
-    def whole_choice(self, index: int, text: str, reason: str) -> dict[str, Any]:
-        body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-        return {"index": index, **body, "finish_reason": reason, "logprobs": None}
+    def whole_choice(self, index: int, text: str | None, reason: str, calls: list[ParsedCall]) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [call.as_openai() for call in calls]
+        return {"index": index, "message": message, "finish_reason": reason, "logprobs": None}
 
     def chunk_choice(self, index: int, text: str, reason: str | None = None) -> dict[str, Any]:
         body = {"delta": {"content": text} if text else {}} if self.chat else {"text": text}
@@ -170,7 +177,8 @@ async def answer(
     request.state.tokens = [len(prompt_ids), 0]
     if parsed.user is not None:
         request.state.user = parsed.user
-    reply = Reply(f"{shape.id_prefix}{uuid.uuid4().hex}", shape, parsed, job, events, request, settings)
+    tools = ToolCalls.for_request(parsed, engine.tool_style)
+    reply = Reply(f"{shape.id_prefix}{uuid.uuid4().hex}", shape, parsed, job, events, request, settings, tools)
     if not parsed.stream:
         return await reply.whole()
     # The first event decides the status: a failure before any text is an error response, not a 200.
@@ -180,12 +188,29 @@ async def answer(
     return StreamingResponse(reply.chunks(first), media_type="text/event-stream")
 
 
+JSON_INSTRUCTION = "Answer with one JSON object."
+
+
 def encode_chat(engine: Engine, chat: ChatCompletionRequest) -> list[int]:
     messages = [message.as_template_message() for message in chat.messages]
+    if chat.calls_tools and engine.tool_style is None:
+        raise APIError(
+            400,
+            "`tools` cannot be used with this model's chat template: it has no tool format; serve it with a "
+            "template that has one (--template qwen, llama3, mistral, glm4, chatml, ...)",
+            "tools",
+        )
+    if chat.json_object and not any("json" in message["content"].lower() for message in messages):
+        # OpenAI asks the client to mention JSON; we tell the model ourselves (the output is constrained anyway), in
+        # the last user message: a system message would displace the default system and not every template has one.
+        users = [index for index, message in enumerate(messages) if message["role"] == "user"]
+        last = users[-1] if users else len(messages) - 1
+        messages[last] = {**messages[last], "content": f"{messages[last]['content']}\n\n{JSON_INSTRUCTION}".strip()}
     try:
-        text = engine.render(messages)
+        text = engine.render(messages, chat.template_tools())
     except jinja2.TemplateError as error:  # the chat template refused these messages (e.g. roles out of order)
-        raise APIError(400, f"the model's chat template cannot render these messages: {error}", "messages") from None
+        param = "tools" if chat.calls_tools else "messages"
+        raise APIError(400, f"the model's chat template cannot render these {param}: {error}", param) from None
     # The rendered text already holds any BOS the template wants; adding special tokens would double it.
     return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -219,7 +244,34 @@ def choose_sampling(parsed: GenerationFields, settings: ServeSettings, prompt_to
         stop=tuple(parsed.stop_strings()),
         presence_penalty=parsed.presence_penalty,
         frequency_penalty=parsed.frequency_penalty,
+        json_object=isinstance(parsed, ChatCompletionRequest) and parsed.json_object,
     )
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """How a request's answers are read for function calls: the template's tool style and the tools' names."""
+
+    style: str
+    names: set[str]
+    parallel: bool
+
+    @staticmethod
+    def for_request(parsed: GenerationFields, style: str | None) -> ToolCalls | None:
+        if not isinstance(parsed, ChatCompletionRequest) or not parsed.calls_tools or style is None:
+            return None
+        names = {tool.function.name for tool in parsed.tools or []}
+        return ToolCalls(style, names, parsed.parallel_tool_calls)
+
+    def read(self, text: str, reason: str) -> tuple[str | None, list[ParsedCall], str]:
+        """(content, calls, finish_reason): `tool_calls` when the answer is calls; an answer cut by the token
+        limit is text (its last call may be incomplete)."""
+        if reason != "stop":
+            return text, [], reason
+        content, calls = parse_tool_calls(self.style, text, self.names)
+        if not calls:
+            return text, [], reason
+        return content, calls if self.parallel else calls[:1], "tool_calls"
 
 
 @dataclass
@@ -233,6 +285,7 @@ class Reply:
     events: asyncio.Queue[Event]
     request: Request
     settings: ServeSettings
+    tools: ToolCalls | None = None
 
     async def next_event(self) -> Event:
         """The job's next event; cancels the job if the client disconnects while waiting."""
@@ -273,7 +326,12 @@ class Reply:
             texts[event.index] += event.text
             if isinstance(event, Finished):
                 finished[event.index] = event
-        choices = [self.shape.whole_choice(index, texts[index], finished[index].reason) for index in range(n)]
+        choices = []
+        for index in range(n):
+            text, calls, reason = texts[index], [], finished[index].reason
+            if self.tools is not None:
+                text, calls, reason = self.tools.read(text, reason)
+            choices.append(self.shape.whole_choice(index, text, reason, calls))
         return JSONResponse(self.body(choices, chunk=False, usage=self.usage(finished)))
 
     async def chunks(self, first: Event) -> AsyncIterator[str]:
@@ -286,16 +344,28 @@ class Reply:
                     role = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                     yield sse(self.body([{**role, "logprobs": None}], chunk=True))
             finished: dict[int, Finished] = {}
+            held = [""] * self.parsed.n  # with tools, each answer is held until it is known to be calls or text
             event = first
             while True:
                 if isinstance(event, Failed):  # after the 200: the openai client raises on an `error` chunk
                     yield sse(APIError(event.status, event.message).body())
                     return
-                if event.text:
+                if self.tools is not None:
+                    held[event.index] += event.text
+                elif event.text:
                     yield sse(self.body([self.shape.chunk_choice(event.index, event.text)], chunk=True))
                 if isinstance(event, Finished):
                     finished[event.index] = event
-                    yield sse(self.body([self.shape.chunk_choice(event.index, "", event.reason)], chunk=True))
+                    reason = event.reason
+                    if self.tools is not None:
+                        text, calls, reason = self.tools.read(held[event.index], reason)
+                        delta: dict[str, Any] = {"content": text} if text else {}
+                        if calls:
+                            delta["tool_calls"] = [call.as_openai(number) for number, call in enumerate(calls)]
+                        if delta:
+                            choice = {"index": event.index, "delta": delta, "finish_reason": None, "logprobs": None}
+                            yield sse(self.body([choice], chunk=True))
+                    yield sse(self.body([self.shape.chunk_choice(event.index, "", reason)], chunk=True))
                     if len(finished) == self.parsed.n:
                         break
                 event = await self.next_event()

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from tunesmith.serve.json_mode import JsonPrefix, TokenTexts, choose_json_token
+
 log = logging.getLogger("tunesmith.serve")
 
 
@@ -38,6 +40,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per time a token was generated
+    json_object: bool = False  # constrain the answer to one JSON object (json_mode.py)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     sent_chars: int = 0
     done: bool = False
+    json_state: JsonPrefix | None = None  # a JSON row's parser state
 
 
 @dataclass
@@ -164,6 +168,8 @@ class Batcher:
         self.model, self.tokenizer = model, tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop_token_ids = set(stop_token_ids)
+        self.first_stop_id = stop_token_ids[0]
+        self._token_texts: TokenTexts | None = None  # built when the first JSON row needs it
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids[0]
         self.max_batch_size = max_batch_size
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
@@ -235,7 +241,12 @@ class Batcher:
         if not admitted:
             return batch
         rows = [
-            Row(job, index, seeded_generator(job.sampling.seed, index, self.device))
+            Row(
+                job,
+                index,
+                seeded_generator(job.sampling.seed, index, self.device),
+                json_state=JsonPrefix() if job.sampling.json_object else None,
+            )
             for job in admitted
             for index in range(job.n)
         ]
@@ -306,29 +317,42 @@ class Batcher:
             )
         if sampling.presence_penalty or sampling.frequency_penalty:
             apply_openai_penalties(logits, row.tokens, sampling.presence_penalty, sampling.frequency_penalty)
-        if sampling.temperature == 0:
+        sample = sampling.temperature != 0
+        if sample:
+            logits = logits / sampling.temperature
+            if sampling.top_k > 0:
+                kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
+                logits[logits < kth] = float("-inf")
+            if sampling.top_p < 1.0:
+                ordered, order = logits.sort(descending=True)
+                cumulative = ordered.softmax(-1).cumsum(-1)
+                drop = cumulative - ordered.softmax(-1) > sampling.top_p  # keep the token that crosses top_p
+                logits[order[drop]] = float("-inf")
+        if row.json_state is not None:
+            tokens_left = sampling.max_new_tokens - len(row.tokens)
+            token = choose_json_token(row.json_state, logits, self.token_texts(), tokens_left, row.generator, sample)
+            return self.first_stop_id if token is None else token
+        if not sample:
             return int(logits.argmax())
-        logits = logits / sampling.temperature
-        if sampling.top_k > 0:
-            kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
-            logits[logits < kth] = float("-inf")
-        if sampling.top_p < 1.0:
-            ordered, order = logits.sort(descending=True)
-            cumulative = ordered.softmax(-1).cumsum(-1)
-            drop = cumulative - ordered.softmax(-1) > sampling.top_p  # keep the token that crosses top_p
-            logits[order[drop]] = float("-inf")
         return int(torch.multinomial(logits.softmax(-1), 1, generator=row.generator))
+
+    def token_texts(self) -> TokenTexts:
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.tokenizer, self.skip_special_tokens)
+        return self._token_texts
 
     def _advance(self, row: Row, token: int) -> None:
         """Add a token to the row; send the text that is certain; finish on a stop token, stop string or limit."""
         sampling = row.job.sampling
         row.tokens.append(token)
+        if row.json_state is not None and token not in self.stop_token_ids:
+            row.json_state = row.json_state.feed(self.token_texts().texts[token] or "") or row.json_state
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=self.skip_special_tokens)
         reason = None
         cut = first_stop(text, sampling.stop)
         if cut is not None:
             text, reason = text[:cut], "stop"
-        elif token in self.stop_token_ids:
+        elif token in self.stop_token_ids or (row.json_state is not None and row.json_state.done):
             reason = "stop"
         elif len(row.tokens) >= sampling.max_new_tokens:
             reason = "length"
