@@ -133,6 +133,7 @@ def predict_config_after_training(run: RunConfig) -> PredictConfig:
         values.update(model_name_or_path=run.output.output_dir, finetuning_type=run.method.finetuning_type)
     if run.data.template is not None:
         values["template"] = run.data.template
+    values.update({key: getattr(run.generation, key) for key in run.generation.model_fields_set})
     values.update(
         eval_dataset=run.data.eval_dataset,
         dataset_dir=run.data.dataset_dir,

@@ -34,6 +34,7 @@ from tunesmith.data.selection import select_rows
 from tunesmith.errors import DataError, OutputDirError
 from tunesmith.evaluate.metrics import METRIC_NAMES, exact_match, mean_similarity, require_metric_libraries
 
+IGNORE_INDEX = -100  # a label that is not trained (the prompt's tokens)
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 PARTIAL_FILE = "generated_predictions.partial.jsonl"
 RESULTS_FILE = "predict_results.json"
@@ -100,6 +101,55 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     (output / TABLE_FILE).write_text(markdown_table(records), encoding="utf-8")
     partial.unlink()
     return results
+
+
+@dataclass(frozen=True)
+class EvalSplitScorer:
+    """BLEU-4 / ROUGE of replies generated for the eval split during training (`predict_with_generate` with val_size
+    or eval_dataset): the train recipe calls it at each evaluation, and the scores join the eval loss in metrics.jsonl.
+
+    Each tokenized eval row is cut where its last supervised stretch starts: the ids before are the prompt (exactly
+    what inference sees, data/encode.py), the stretch up to its end-of-turn token is the label. Every process
+    generates every row in the same order, so processes that shard the model (FSDP, ZeRO-3) stay in step. Sampling
+    draws from its own seeded generator state, so an evaluation leaves training's random numbers as they were.
+    """
+
+    options: GenerationSection
+    batch_size: int
+    seed: int
+
+    def __call__(self, model: Any, tokenizer: Any, rows: Any) -> dict[str, float]:
+        engine = ChatEngine(model, tokenizer, model_name="the model being trained")
+        stop_ids = engine.stop_token_ids()
+        prompts, labels = [], []
+        for row in rows:
+            prompt, label = split_supervised_row(row["input_ids"], row["labels"])
+            prompts.append(prompt)
+            labels.append(tokenizer.decode(until_stop(label, stop_ids), skip_special_tokens=True))
+        replies: dict[int, str] = {}
+        was_training = model.training
+        model.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            for indices, texts in generate_batches(
+                engine, prompts, list(range(len(prompts))), self.batch_size, self.options
+            ):
+                replies.update(zip(indices, texts, strict=True))
+        model.train(was_training)
+        means = mean_similarity((replies[index], label) for index, label in enumerate(labels))
+        exact = [exact_match(replies[index], label) for index, label in enumerate(labels)]
+        return {**means, "exact_match": round(sum(exact) / len(exact), 4)} if exact else {}
+
+
+def split_supervised_row(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """(prompt ids, label ids) of a tokenized row: the prompt ends where the last supervised stretch starts."""
+    supervised = [position for position, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not supervised:
+        return list(input_ids), []
+    start = supervised[-1]
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return list(input_ids[:start]), list(input_ids[start : supervised[-1] + 1])
 
 
 def read_prompt_rows(settings: PredictSection) -> list[PromptRow]:

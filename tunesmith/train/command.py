@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tunesmith.train.sft import run_sft
 
-    result = run_sft(config)
+    result = run_sft(config, reply_scorer(config))
     if in_torchrun:
         process_group.leave()
     if result.interrupted:
@@ -63,6 +63,17 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(run_predict(predict_config), indent=2))
     return 0
+
+
+def reply_scorer(config):
+    """predict_with_generate with an eval split: each evaluation also scores generated replies (evaluate/)."""
+    if not (config.output.predict_with_generate and (config.data.val_size or config.data.eval_dataset)):
+        return None
+    from tunesmith.evaluate.metrics import require_metric_libraries
+    from tunesmith.evaluate.predict import EvalSplitScorer
+
+    require_metric_libraries()
+    return EvalSplitScorer(config.generation, config.train.per_device_eval_batch_size, config.train.seed)
 
 
 def libraries_in_use(config) -> list[str]:
