@@ -144,6 +144,11 @@ class DataSection(Section):
     template: str | None = Field(
         None, description="A named prompt template; default: the tokenizer's own chat template."
     )
+    default_system: str | None = Field(
+        None,
+        description="A system message for every example that has none (LLaMA-Factory's default_system); the chat "
+        "template renders it, e.g. llama2's <<SYS>> block.",
+    )
     cutoff_len: int = Field(2048, gt=0, description="Longest tokenized example; longer ones are truncated.")
     max_samples: int | None = Field(None, gt=0, description="Use at most this many rows of each dataset.")
     val_size: float = Field(0.0, ge=0, description="Rows held out for eval loss: a fraction (< 1) or a count.")

@@ -30,7 +30,7 @@ from tunesmith.config.predict import PredictConfig, PredictSection
 from tunesmith.data.dataset import RowReader
 from tunesmith.data.formats import fill_example_placeholders, row_to_example
 from tunesmith.data.registry import resolve_datasets
-from tunesmith.data.selection import select_rows
+from tunesmith.data.selection import held_out_rows, select_rows
 from tunesmith.errors import DataError, OutputDirError
 from tunesmith.evaluate.metrics import METRIC_NAMES, exact_match, mean_similarity, require_metric_libraries
 
@@ -172,6 +172,8 @@ def read_prompt_rows(settings: PredictSection) -> list[PromptRow]:
             if messages[-1]["role"] == "assistant":
                 label, messages = messages[-1]["content"], messages[:-1]
             rows.append(PromptRow(messages, label))
+    if settings.val_size:  # the eval split of a training run on the same rows, seed and val_size
+        rows = [rows[index] for index in held_out_rows(len(rows), settings.val_size, settings.seed)]
     return rows
 
 
