@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -300,3 +302,28 @@ def test_evaluation_during_training_scores_generated_replies(tmp_path, tiny_mode
     expected = mean_similarity(pairs)
     for name in ("bleu-4", "rouge-1", "rouge-l"):
         assert evals[-1][f"eval_{name}"] == pytest.approx(expected[name], abs=1e-6), name
+
+
+def test_two_torchrun_processes_predict_their_shares_and_rank_0_writes_them_in_order(
+    stopping_model_dir, predict_data, tmp_path
+):
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tunesmith.distributed import launch
+
+    _, one_process = predict(stopping_model_dir, predict_data, tmp_path / "one", "per_device_eval_batch_size=3")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", str(launch.free_port()), "-m", "tunesmith"]
+    command += ["predict", f"model_name_or_path={stopping_model_dir}", f"eval_dataset={predict_data}"]
+    command += [f"output_dir={tmp_path / 'two'}", "do_sample=false", "max_new_tokens=12"]
+    command += ["per_device_eval_batch_size=3"]
+    environ = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT")}
+    result = subprocess.run(command, cwd=REPO, env=environ, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "predict: 2 processes generated 5, 5 rows" in result.stdout  # both processes worked
+    lines = (tmp_path / "two" / "generated_predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == one_process  # the same replies, in input order
+    assert not list((tmp_path / "two").glob("*.partial*"))
