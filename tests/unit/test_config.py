@@ -173,3 +173,9 @@ def test_every_example_config_is_valid(example):
         return
     config = load_config(example, ["name=Tunesmith", "author=us"])
     assert config.data.dataset
+
+
+def test_eval_strategy_no_survives_yaml_reading_it_as_false():
+    assert load_config(None, ["dataset=x", "eval_strategy=no"]).train.eval_strategy == "no"
+    with pytest.raises(ConfigError, match="eval_strategy"):
+        load_config(None, ["dataset=x", "eval_strategy=true"])

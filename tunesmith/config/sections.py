@@ -435,6 +435,13 @@ class TrainSection(Section):
         "needs val_size or eval_dataset.",
     )
     eval_steps: int | None = Field(None, gt=0, description="Eval every N steps (default: save_steps).")
+
+    @field_validator("eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare `no` as false: `eval_strategy: no` means the strategy "no"."""
+        return "no" if value is False else value
+
     save_steps: int = Field(500, gt=0, description="Write a checkpoint every N steps.")
     save_total_limit: int | None = Field(None, gt=0, description="Keep at most N checkpoints (oldest deleted).")
     save_only_model: bool = Field(False, description="Checkpoints without optimizer state (cannot be resumed exactly).")
