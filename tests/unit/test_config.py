@@ -159,12 +159,23 @@ def test_do_train_false_is_refused_not_ignored():
 @pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda path: path.name)
 def test_every_example_config_is_valid(example):
     """Each is also run: identity_lora.yaml by e2e/test_identity.py, qlora_alpaca.yaml by e2e/test_quantized_smollm2,
-    the `tunesmith export` configs (they hold export_dir) by unit/test_export_examples.py."""
+    the `tunesmith export` configs (they hold export_dir) by unit/test_export_examples.py, tang_qlora.yaml and the
+    `tunesmith predict` config predict_tang.yaml by unit/test_tang_examples.py."""
     from tunesmith.config.export import load_export_config
     from tunesmith.config.load import read_yaml
+    from tunesmith.config.predict import load_predict_config
 
     if "export_dir" in read_yaml(example):
         assert load_export_config(example).inference.model.adapter_name_or_path
         return
+    if read_yaml(example).get("do_predict") and "dataset" not in read_yaml(example):
+        assert load_predict_config(example).predict.datasets
+        return
     config = load_config(example, ["name=Tunesmith", "author=us"])
     assert config.data.dataset
+
+
+def test_eval_strategy_no_survives_yaml_reading_it_as_false():
+    assert load_config(None, ["dataset=x", "eval_strategy=no"]).train.eval_strategy == "no"
+    with pytest.raises(ConfigError, match="eval_strategy"):
+        load_config(None, ["dataset=x", "eval_strategy=true"])

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 from tests.conftest import write_rows
 from tunesmith.cli import main
@@ -239,7 +242,7 @@ def test_do_predict_after_training_predicts_eval_dataset_with_the_trained_adapte
     from tunesmith.config.load import load_config
 
     args = train_args(tmp_path, tiny_model_dir, identity_data, "eval_dataset=identity", "max_new_tokens=4")
-    assert main(args) == 2  # generation keys belong to `tunesmith predict`; train's predict uses the defaults
+    assert main(args) == 2  # generation keys shape generated replies: predict_with_generate must be on
     args = train_args(tmp_path, tiny_model_dir, identity_data, "eval_dataset=identity", "max_samples=3")
     with pytest.raises(ConfigError, match="predict_with_generate"):
         load_config(None, [*args[1:], "do_predict=true"])
@@ -257,3 +260,70 @@ def test_do_predict_after_training_predicts_eval_dataset_with_the_trained_adapte
     )
     assert predict.inference.model.adapter_name_or_path == [str(output)]
     assert predict.inference.model.model_name_or_path == str(tiny_model_dir)
+
+
+def test_evaluation_during_training_scores_generated_replies(tmp_path, tiny_model_dir, identity_data):
+    """predict_with_generate with val_size: each evaluation logs BLEU/ROUGE of the held-out rows' replies, equal to
+    generating them one row at a time with the trained adapter and scoring them by hand."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.unit.test_train import train_args
+    from tunesmith.config.load import load_config
+    from tunesmith.data.dataset import load_sft_data
+    from tunesmith.evaluate.metrics import mean_similarity
+
+    settings = ["val_size=4", "eval_steps=2", "predict_with_generate=true", "do_sample=false", "max_new_tokens=6"]
+    settings += ["do_eval=true", "per_device_eval_batch_size=3"]
+    args = train_args(tmp_path, tiny_model_dir, identity_data, *settings)
+    assert main(args) == 0
+    output = tmp_path / "out"
+    evals = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    evals = [record for record in evals if "eval_loss" in record]
+    assert [record["step"] for record in evals] == [2, 4, 4]  # every eval_steps, then do_eval's after the last step
+    assert all({"eval_bleu-4", "eval_rouge-1", "eval_rouge-2", "eval_rouge-l"} <= set(record) for record in evals)
+
+    # the last evaluation, by hand: the held-out rows, one greedy generate() each, the reply cut at <|im_end|>
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    config = load_config(None, args[1:])
+    rows = load_sft_data(config.data, tokenizer, tokenizer.chat_template, config.train.seed).eval
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), output).eval()
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pairs = []
+    for row in rows:
+        start = next(position for position, label in enumerate(row["labels"]) if label != -100)
+        prompt = torch.tensor([row["input_ids"][:start]])
+        with torch.no_grad():
+            new = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, eos_token_id=end)[0, start:]
+        reply = new.tolist()[: new.tolist().index(end)] if end in new.tolist() else new.tolist()
+        label = [token for token in row["input_ids"][start:] if token != end]
+        pairs.append((tokenizer.decode(reply), tokenizer.decode(label).strip()))
+    assert len(pairs) == 4 and any(label for _, label in pairs)
+    expected = mean_similarity(pairs)
+    for name in ("bleu-4", "rouge-1", "rouge-l"):
+        assert evals[-1][f"eval_{name}"] == pytest.approx(expected[name], abs=1e-6), name
+
+
+def test_two_torchrun_processes_predict_their_shares_and_rank_0_writes_them_in_order(
+    stopping_model_dir, predict_data, tmp_path
+):
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tunesmith.distributed import launch
+
+    _, one_process = predict(stopping_model_dir, predict_data, tmp_path / "one", "per_device_eval_batch_size=3")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", str(launch.free_port()), "-m", "tunesmith"]
+    command += ["predict", f"model_name_or_path={stopping_model_dir}", f"eval_dataset={predict_data}"]
+    command += [f"output_dir={tmp_path / 'two'}", "do_sample=false", "max_new_tokens=12"]
+    command += ["per_device_eval_batch_size=3"]
+    environ = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT")}
+    result = subprocess.run(command, cwd=REPO, env=environ, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "predict: 2 processes generated 5, 5 rows" in result.stdout  # both processes worked
+    lines = (tmp_path / "two" / "generated_predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == one_process  # the same replies, in input order
+    assert not list((tmp_path / "two").glob("*.partial*"))

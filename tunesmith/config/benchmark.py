@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.config.inference import GenerationSection, InferenceConfig, _flat, build_inference_config
 from tunesmith.config.load import describe_validation_error, parse_overrides, read_yaml
@@ -47,9 +47,30 @@ class BenchmarkSection(Section):
         None, description="Draw the n_shot dev examples at random with this seed (default: the first n_shot)."
     )
     subjects: list[str] = Field(default_factory=list, description="Only these subjects (default: all).")
-    limit: int | None = Field(None, gt=0, description="At most this many questions per subject.")
+    limit: int | None = Field(None, gt=0, description="At most this many questions per subject (harness: per task).")
+    harness: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness task names to run on the model instead of task (needs the harness extra).",
+    )
+    include_path: str | None = Field(
+        None, description="With harness: a folder of the user's own harness task YAMLs, registered before the names."
+    )
 
-    _split = field_validator("subjects", mode="before")(_split_list)
+    _split = field_validator("subjects", "harness", mode="before")(_split_list)
+
+    @model_validator(mode="after")
+    def _harness_keys(self) -> BenchmarkSection:
+        if self.harness:
+            # the harness task defines its own data, split, prompt language and shot order
+            ours = sorted({"task", "task_dir", "lang", "seed", "subjects"} & self.model_fields_set)
+            if ours:
+                raise ValueError(
+                    f"{', '.join(ours)} choose tunesmith's own benchmarks, which harness replaces; remove them or "
+                    "harness"
+                )
+        elif self.include_path is not None:
+            raise ValueError("include_path registers harness tasks; set harness to the task names to run")
+        return self
 
     @field_validator("task")
     @classmethod

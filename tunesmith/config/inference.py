@@ -23,7 +23,7 @@ from tunesmith.config.load import (
     parse_overrides,
     read_yaml,
 )
-from tunesmith.config.sections import DataSection, MethodSection, ModelSection, Section, planned
+from tunesmith.config.sections import DataSection, GenerationSection, MethodSection, ModelSection, Section
 from tunesmith.errors import ConfigError, NotSupportedYet
 
 
@@ -37,35 +37,6 @@ class PromptSection(Section):
         description="Passed to chat templates that read it (Qwen3): false asks for no thinking block; default: the "
         "template's own default.",
     )
-
-
-class GenerationSection(Section):
-    """How a reply is generated; checked when the config is built, so a bad value fails before a model loads."""
-
-    max_new_tokens: int = Field(512, ge=1, description="Longest reply, in tokens.")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 means greedy.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling: keep the likeliest tokens up to this mass.")
-    top_k: int = Field(50, ge=0, description="Keep the k likeliest tokens; 0 turns top-k filtering off.")
-    repetition_penalty: float = Field(1.0, gt=0, description="Penalty for repeating tokens; 1 means none.")
-    do_sample: bool = Field(True, description="Sample (true) or always take the likeliest token (false).")
-    skip_special_tokens: bool = Field(True, description="Leave special tokens out of the printed reply.")
-    num_beams: int = planned(1, "beam search; a streamed reply is one sampled or greedy sequence")
-    length_penalty: float = planned(1.0, "only beam search uses it")
-
-    @property
-    def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `model.generate`; sampling settings only when sampling, so none is silently unused."""
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "repetition_penalty": self.repetition_penalty,
-            "do_sample": not self.greedy,
-        }
-        if not self.greedy:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return kwargs
 
 
 class EngineSection(Section):

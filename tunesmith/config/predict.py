@@ -30,6 +30,13 @@ class PredictSection(Section):
     name: str | None = DataSection.model_fields["name"]
     author: str | None = DataSection.model_fields["author"]
     column_map: dict[str, str] | None = DataSection.model_fields["column_map"]
+    val_size: float = Field(
+        0.0,
+        ge=0,
+        description="Predict only the rows a training run on these datasets with this val_size and seed held out "
+        "(its eval split): scores on rows the adapter never saw. The same rows as long as training dropped none "
+        "(its data summary says how many).",
+    )
     cutoff_len: int = Field(
         2048, gt=0, description="Longest prompt in tokens; a longer one keeps its last cutoff_len tokens."
     )
@@ -77,7 +84,6 @@ NOT_FOR_PREDICT: dict[str, str] = {
     "overwrite_cache": "predict keeps no tokenized cache",
     "report_to": "predict writes its results to output_dir, not to a tracker",
     "ddp_timeout": "predict runs in one process",
-    "val_size": "predict uses every row of eval_dataset; hold rows out in training instead",
 }
 
 
@@ -116,11 +122,17 @@ def predict_config_after_training(run: RunConfig) -> PredictConfig:
     model. Predictions and scores are written to output_dir, as LLaMA-Factory writes them. Called before training,
     so that a config that cannot predict fails before any weight loads.
     """
-    if not run.data.eval_dataset:
-        raise ConfigError(
-            "`do_predict: true` predicts the rows of eval_dataset; set eval_dataset (val_size's held-out rows are "
-            "not predicted yet)"
-        )
+    if run.data.eval_dataset:
+        rows = {"eval_dataset": run.data.eval_dataset}
+    elif run.data.val_size:  # the rows training held out: the same datasets, val_size and seed
+        if len(run.data.dataset) > 1 and run.data.mix_strategy != "concat":
+            raise ConfigError(
+                f"`do_predict: true` with val_size and mix_strategy: {run.data.mix_strategy}: predict finds the "
+                "held-out rows of concatenated datasets only; use eval_dataset, or mix_strategy: concat"
+            )
+        rows = {"eval_dataset": run.data.dataset, "val_size": run.data.val_size}
+    else:
+        raise ConfigError("`do_predict: true` predicts the rows of eval_dataset or those val_size holds out; set one")
     if run.model.adapter_name_or_path:
         raise NotSupportedYet(
             "`do_predict: true` with adapter_name_or_path: the trained adapter sits on top of the given ones; run "
@@ -133,8 +145,11 @@ def predict_config_after_training(run: RunConfig) -> PredictConfig:
         values.update(model_name_or_path=run.output.output_dir, finetuning_type=run.method.finetuning_type)
     if run.data.template is not None:
         values["template"] = run.data.template
+    if run.data.default_system is not None:
+        values["default_system"] = run.data.default_system
+    values.update({key: getattr(run.generation, key) for key in run.generation.model_fields_set})
     values.update(
-        eval_dataset=run.data.eval_dataset,
+        **rows,
         dataset_dir=run.data.dataset_dir,
         max_samples=run.data.max_samples,
         cutoff_len=run.data.cutoff_len,

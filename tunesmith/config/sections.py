@@ -144,6 +144,11 @@ class DataSection(Section):
     template: str | None = Field(
         None, description="A named prompt template; default: the tokenizer's own chat template."
     )
+    default_system: str | None = Field(
+        None,
+        description="A system message for every example that has none (LLaMA-Factory's default_system); the chat "
+        "template renders it, e.g. llama2's <<SYS>> block.",
+    )
     cutoff_len: int = Field(2048, gt=0, description="Longest tokenized example; longer ones are truncated.")
     max_samples: int | None = Field(None, gt=0, description="Use at most this many rows of each dataset.")
     val_size: float = Field(0.0, ge=0, description="Rows held out for eval loss: a fraction (< 1) or a count.")
@@ -424,7 +429,19 @@ class TrainSection(Section):
     eval_strategy: Literal["no", "steps", "epoch"] | None = Field(
         None, description="When to compute eval loss; default: every eval_steps when val_size is set."
     )
+    do_eval: bool = Field(
+        False,
+        description="Evaluate once more after the last step (eval loss, and BLEU/ROUGE with predict_with_generate); "
+        "needs val_size or eval_dataset.",
+    )
     eval_steps: int | None = Field(None, gt=0, description="Eval every N steps (default: save_steps).")
+
+    @field_validator("eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare `no` as false: `eval_strategy: no` means the strategy "no"."""
+        return "no" if value is False else value
+
     save_steps: int = Field(500, gt=0, description="Write a checkpoint every N steps.")
     save_total_limit: int | None = Field(None, gt=0, description="Keep at most N checkpoints (oldest deleted).")
     save_only_model: bool = Field(False, description="Checkpoints without optimizer state (cannot be resumed exactly).")
@@ -587,13 +604,46 @@ class OutputSection(Section):
         description="After training, generate a reply for every row of eval_dataset with the trained model and score "
         "them into output_dir (what `tunesmith predict` does); needs predict_with_generate: true.",
     )
-    predict_with_generate: bool = Field(False, description="With do_predict: predictions are generated (required).")
+    predict_with_generate: bool = Field(
+        False,
+        description="Generate replies: with do_predict (required there), and at each evaluation, which then reports "
+        "BLEU-4 / ROUGE of the eval split's replies (eval_bleu-4, eval_rouge-*) next to the eval loss.",
+    )
 
     @model_validator(mode="after")
     def _predict_generates(self) -> OutputSection:
         if self.do_predict and not self.predict_with_generate:
             raise ValueError("`do_predict: true` needs `predict_with_generate: true` to save model predictions")
         return self
+
+
+class GenerationSection(Section):
+    """How a reply is generated; checked when the config is built, so a bad value fails before a model loads."""
+
+    max_new_tokens: int = Field(512, ge=1, description="Longest reply, in tokens.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 means greedy.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling: keep the likeliest tokens up to this mass.")
+    top_k: int = Field(50, ge=0, description="Keep the k likeliest tokens; 0 turns top-k filtering off.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty for repeating tokens; 1 means none.")
+    do_sample: bool = Field(True, description="Sample (true) or always take the likeliest token (false).")
+    skip_special_tokens: bool = Field(True, description="Leave special tokens out of the printed reply.")
+    num_beams: int = planned(1, "beam search; a streamed reply is one sampled or greedy sequence")
+    length_penalty: float = planned(1.0, "only beam search uses it")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `model.generate`; sampling settings only when sampling, so none is silently unused."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+            "do_sample": not self.greedy,
+        }
+        if not self.greedy:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kwargs
 
 
 class RunConfig(BaseModel):
@@ -606,6 +656,7 @@ class RunConfig(BaseModel):
     method: MethodSection = Field(default_factory=MethodSection)
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -633,12 +684,30 @@ class RunConfig(BaseModel):
                 "pissa_init moves the principal part of each weight into the adapter, which needs the weights "
                 "unquantized; remove quantization_bit or pissa_init"
             )
+        self._evaluation_has_rows()
         if self.train.deepspeed:
             self._optimizer_settings_reach_deepspeed()
         self._adapters_fit_the_run()
         if self.model.use_unsloth:
             self._unsloth_honours_every_key()
         return self
+
+    def _evaluation_has_rows(self) -> None:
+        """do_eval and generated eval replies need an eval split; the generation keys need predict_with_generate."""
+        has_eval_rows = bool(self.data.val_size or self.data.eval_dataset)
+        if self.train.do_eval and not has_eval_rows:
+            raise ValueError("`do_eval: true` evaluates on held-out rows: set val_size or eval_dataset")
+        if self.output.predict_with_generate and not (has_eval_rows or self.output.do_predict):
+            raise ValueError(
+                "`predict_with_generate: true` generates for the eval split or for do_predict: set val_size or "
+                "eval_dataset"
+            )
+        generation_keys = sorted(self.generation.model_fields_set)
+        if generation_keys and not self.output.predict_with_generate:
+            raise ValueError(
+                f"{', '.join(generation_keys)} only shape generated replies: set predict_with_generate: true (with "
+                "do_predict or an eval split), or remove them"
+            )
 
     def _unsloth_honours_every_key(self) -> None:
         """Unsloth loads and wraps the model itself: refuse each key its loader or LoRA wrapper cannot honour.

@@ -182,7 +182,8 @@ class DataStep:
         return tokenizer_digest(self.tokenizer)
 
     def reader(self, spec: DatasetSpec) -> RowReader:
-        return RowReader(spec, self.stage, self.data.column_map if spec.from_path else None, self.placeholders)
+        column_map = self.data.column_map if spec.from_path else None
+        return RowReader(spec, self.stage, column_map, self.placeholders, self.data.default_system)
 
     # --- in memory, cached --------------------------------------------------------------------------------------
 
@@ -247,6 +248,7 @@ class DataStep:
             "max_samples": self.data.max_samples,
             "seed": self.seed if entry.num_samples else None,
             "placeholders": self.placeholders,
+            "default_system": self.data.default_system,
             "encode": asdict(self.settings),
             "tokenizer": self.tokenizer_digest,
             "chat_template": digest_of(self.chat_template),
@@ -349,6 +351,7 @@ class RowReader:
     stage: str
     column_map: dict[str, str] | None
     placeholders: dict[str, str | None]
+    default_system: str | None = None  # the system message of every chat example that has none
 
     def rows(self, hub=None, streaming: bool = False) -> Iterator[Row]:
         if self.spec.files:
@@ -368,11 +371,18 @@ class RowReader:
             try:
                 example = row_to_example(row, fmt, kind)
                 self._check(example, row, fmt)
-                yield fill_example_placeholders(example, self.placeholders) if kind == "chat" else example
+                if kind == "chat":
+                    example = self.with_default_system(fill_example_placeholders(example, self.placeholders))
+                yield example
             except DataError as error:
                 if errors is None:
                     raise
                 errors.append(error)
+
+    def with_default_system(self, example: Example) -> Example:
+        if self.default_system and not (example.messages and example.messages[0]["role"] == "system"):
+            example.messages = [{"role": "system", "content": self.default_system}, *example.messages]
+        return example
 
     def row_format(self, first_row: Row, kind: str) -> RowFormat:
         spec, stage = self.spec, self.stage

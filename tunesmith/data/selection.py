@@ -128,9 +128,17 @@ def split_validation(dataset, val_size: float, seed: int):
     """Hold out `val_size` rows (a fraction below 1, or a count) chosen with a seeded shuffle."""
     if not val_size:
         return dataset, None
-    count = int(val_size) if val_size >= 1 else max(1, round(len(dataset) * val_size))
-    if count >= len(dataset):
-        raise DataError(f"val_size={val_size} leaves no training rows out of {len(dataset)}")
-    order = list(range(len(dataset)))
+    held_out = held_out_rows(len(dataset), val_size, seed)
+    kept = sorted(set(range(len(dataset))) - set(held_out))
+    return dataset.select(kept), dataset.select(held_out)
+
+
+def held_out_rows(length: int, val_size: float, seed: int) -> list[int]:
+    """The indices (in order) of the rows `val_size` holds out of `length`: the rule training's eval split and
+    predict's `val_size` share, so predict can score exactly the rows a run did not train on."""
+    count = int(val_size) if val_size >= 1 else max(1, round(length * val_size))
+    if count >= length:
+        raise DataError(f"val_size={val_size} leaves no training rows out of {length}")
+    order = list(range(length))
     random.Random(seed).shuffle(order)
-    return dataset.select(sorted(order[count:])), dataset.select(sorted(order[:count]))
+    return sorted(order[:count])

@@ -2,7 +2,8 @@
 
 Takes the YAML of LLaMA-Factory's old `llamafactory-cli eval` (`task`, `task_dir`, `lang`, `n_shot`, `batch_size`,
 `save_dir`, `seed`, plus `subjects` and `limit`; see config/benchmark.py) and the model keys; the flags are short
-spellings of those keys and win over both.
+spellings of those keys and win over both. `--harness TASKS` runs lm-evaluation-harness tasks on the same loaded
+model instead (evaluate/harness.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "seed": ("seed", "draw the dev examples at random with this seed (default: the first n_shot)"),
     "subjects": ("subjects", "comma-separated subjects (default: all)"),
     "limit": ("limit", "at most this many questions per subject"),
+    "harness": ("harness", "lm-evaluation-harness tasks, comma-separated, run on this model (extra: harness)"),
+    "include-path": ("include_path", "with --harness: a folder of your own harness task YAMLs"),
 }
 
 
@@ -42,5 +45,11 @@ def run(args: argparse.Namespace) -> int:
     if config_path is not None and "=" in config_path:  # no file, only overrides
         config_path, overrides = None, [config_path, *overrides]
     flags = {key: getattr(args, key) for key, _ in FLAGS.values() if getattr(args, key) is not None}
-    run_benchmark(load_benchmark_config(config_path, overrides, flags))
+    config = load_benchmark_config(config_path, overrides, flags)
+    if config.benchmark.harness:
+        from tunesmith.evaluate.harness import run_harness
+
+        run_harness(config)
+    else:
+        run_benchmark(config)
     return 0

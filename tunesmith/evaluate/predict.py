@@ -30,10 +30,11 @@ from tunesmith.config.predict import PredictConfig, PredictSection
 from tunesmith.data.dataset import RowReader
 from tunesmith.data.formats import fill_example_placeholders, row_to_example
 from tunesmith.data.registry import resolve_datasets
-from tunesmith.data.selection import select_rows
+from tunesmith.data.selection import held_out_rows, select_rows
 from tunesmith.errors import DataError, OutputDirError
 from tunesmith.evaluate.metrics import METRIC_NAMES, exact_match, mean_similarity, require_metric_libraries
 
+IGNORE_INDEX = -100  # a label that is not trained (the prompt's tokens)
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 PARTIAL_FILE = "generated_predictions.partial.jsonl"
 RESULTS_FILE = "predict_results.json"
@@ -58,22 +59,31 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     system = inference.prompt.default_system
     prompts = [encode_prompt(engine, with_system(row.messages, system), settings.cutoff_len) for row in rows]
 
-    output.mkdir(parents=True, exist_ok=True)
-    partial = output / PARTIAL_FILE
-    if settings.overwrite_output_dir:
-        partial.unlink(missing_ok=True)
-    done = read_partial(partial, len(rows))
-    todo = [index for index in range(len(rows)) if index not in done]
-    if done:
-        print(f"predict: resuming, {len(done)} of {len(rows)} rows already in {partial}")
-        # rewritten whole, so that a line cut short by the crash does not run into the lines appended next
+    rank, world = process_share()
+    partial = output / (PARTIAL_FILE if rank == 0 else PARTIAL_FILE.replace(".jsonl", f".rank{rank}.jsonl"))
+    done: dict[int, dict[str, Any]] = {}
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        if settings.overwrite_output_dir:
+            remove_partials(output)
+        done = read_partials(output, len(rows))
+        if done:
+            print(f"predict: resuming, {len(done)} of {len(rows)} rows already in {output}")
+        # rewritten whole into rank 0's file, so that a line cut short by the crash does not run into the lines
+        # appended next, and a resume with another number of processes finds every row once
+        remove_partials(output)
         write_jsonl(partial, [{"index": index, **record} for index, record in done.items()])
+    done_rows = set(shared_from_rank_0(sorted(done)))
+    todo = [index for index in range(len(rows)) if index not in done_rows]
+    # longest first, dealt out in turn: every process gets prompts of every length
+    share = sorted(todo, key=lambda index: len(prompts[index]), reverse=True)[rank::world]
 
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.seed + rank)
+    counted = len(done_rows) if world == 1 else 0
     started = time.perf_counter()
     with partial.open("a", encoding="utf-8") as sink:
         for indices, replies in generate_batches(
-            engine, prompts, todo, settings.per_device_eval_batch_size, inference.generation
+            engine, prompts, share, settings.per_device_eval_batch_size, inference.generation
         ):
             for index, reply in zip(indices, replies, strict=True):
                 record = {
@@ -81,12 +91,18 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
                     "predict": reply,
                     "label": rows[index].label,
                 }
-                done[index] = record
                 sink.write(json.dumps({"index": index, **record}, ensure_ascii=False) + "\n")
             sink.flush()
-            print(f"predict: {len(done)}/{len(rows)} rows")
+            counted += len(indices)
+            print(f"predict: {counted}/{len(rows) if world == 1 else len(share)} rows")
+    generated = gathered(len(share))
     seconds = time.perf_counter() - started
+    if rank != 0:
+        return {}
+    if world > 1:
+        print(f"predict: {world} processes generated {', '.join(map(str, generated))} rows")
 
+    done = read_partials(output, len(rows))
     records = [done[index] for index in range(len(rows))]
     write_jsonl(output / PREDICTIONS_FILE, records)
     results = score(records)
@@ -98,8 +114,104 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     )
     (output / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (output / TABLE_FILE).write_text(markdown_table(records), encoding="utf-8")
-    partial.unlink()
+    remove_partials(output)
     return results
+
+
+def process_share() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) unless launched by torchrun and joined."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def shared_from_rank_0(values: list[int]) -> list[int]:
+    """Rank 0's list, on every process (what resuming found already done)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return values
+    box = [values]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gathered(count: int) -> list[int]:
+    """Every process's count, in rank order; also the barrier after which rank 0 reads every partial file."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [count]
+    counts: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(counts, count)
+    return counts
+
+
+def partial_files(output: Path) -> list[Path]:
+    """Rank 0's partial file and those of other processes (`generated_predictions.partial.rankN.jsonl`)."""
+    return sorted(output.glob(PARTIAL_FILE.replace(".jsonl", "*.jsonl")))
+
+
+def remove_partials(output: Path) -> None:
+    for path in partial_files(output):
+        path.unlink()
+
+
+def read_partials(output: Path, total: int) -> dict[int, dict[str, Any]]:
+    """Rows finished so far by every process, from all partial files."""
+    done: dict[int, dict[str, Any]] = {}
+    for path in partial_files(output):
+        done.update(read_partial(path, total))
+    return done
+
+
+@dataclass(frozen=True)
+class EvalSplitScorer:
+    """BLEU-4 / ROUGE of replies generated for the eval split during training (`predict_with_generate` with val_size
+    or eval_dataset): the train recipe calls it at each evaluation, and the scores join the eval loss in metrics.jsonl.
+
+    Each tokenized eval row is cut where its last supervised stretch starts: the ids before are the prompt (exactly
+    what inference sees, data/encode.py), the stretch up to its end-of-turn token is the label. Every process
+    generates every row in the same order, so processes that shard the model (FSDP, ZeRO-3) stay in step. Sampling
+    draws from its own seeded generator state, so an evaluation leaves training's random numbers as they were.
+    """
+
+    options: GenerationSection
+    batch_size: int
+    seed: int
+
+    def __call__(self, model: Any, tokenizer: Any, rows: Any) -> dict[str, float]:
+        engine = ChatEngine(model, tokenizer, model_name="the model being trained")
+        stop_ids = engine.stop_token_ids()
+        prompts, labels = [], []
+        for row in rows:
+            prompt, label = split_supervised_row(row["input_ids"], row["labels"])
+            prompts.append(prompt)
+            labels.append(tokenizer.decode(until_stop(label, stop_ids), skip_special_tokens=True))
+        replies: dict[int, str] = {}
+        was_training = model.training
+        model.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            for indices, texts in generate_batches(
+                engine, prompts, list(range(len(prompts))), self.batch_size, self.options
+            ):
+                replies.update(zip(indices, texts, strict=True))
+        model.train(was_training)
+        means = mean_similarity((replies[index], label) for index, label in enumerate(labels))
+        exact = [exact_match(replies[index], label) for index, label in enumerate(labels)]
+        return {**means, "exact_match": round(sum(exact) / len(exact), 4)} if exact else {}
+
+
+def split_supervised_row(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """(prompt ids, label ids) of a tokenized row: the prompt ends where the last supervised stretch starts."""
+    supervised = [position for position, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not supervised:
+        return list(input_ids), []
+    start = supervised[-1]
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return list(input_ids[:start]), list(input_ids[start : supervised[-1] + 1])
 
 
 def read_prompt_rows(settings: PredictSection) -> list[PromptRow]:
@@ -122,6 +234,8 @@ def read_prompt_rows(settings: PredictSection) -> list[PromptRow]:
             if messages[-1]["role"] == "assistant":
                 label, messages = messages[-1]["content"], messages[:-1]
             rows.append(PromptRow(messages, label))
+    if settings.val_size:  # the eval split of a training run on the same rows, seed and val_size
+        rows = [rows[index] for index in held_out_rows(len(rows), settings.val_size, settings.seed)]
     return rows
 
 

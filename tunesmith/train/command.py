@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from tunesmith import console
 from tunesmith.config import config_to_flat_dict, load_config
@@ -53,16 +52,28 @@ def run(args: argparse.Namespace) -> int:
 
     from tunesmith.train.sft import run_sft
 
-    result = run_sft(config)
-    if in_torchrun:
-        process_group.leave()
-    if result.interrupted:
-        return 130
-    if predict_config is not None and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0, after the others
+    result = run_sft(config, reply_scorer(config))
+    if predict_config is not None and not result.interrupted:
         from tunesmith.evaluate.predict import run_predict
 
-        print(json.dumps(run_predict(predict_config), indent=2))
-    return 0
+        process_group.barrier()  # the trained model is saved before any process loads it
+        results = run_predict(predict_config)  # under torchrun: each process its share, rank 0 writes them
+        if results:
+            print(json.dumps(results, indent=2))
+    if in_torchrun:
+        process_group.leave()
+    return 130 if result.interrupted else 0
+
+
+def reply_scorer(config):
+    """predict_with_generate with an eval split: each evaluation also scores generated replies (evaluate/)."""
+    if not (config.output.predict_with_generate and (config.data.val_size or config.data.eval_dataset)):
+        return None
+    from tunesmith.evaluate.metrics import require_metric_libraries
+    from tunesmith.evaluate.predict import EvalSplitScorer
+
+    require_metric_libraries()
+    return EvalSplitScorer(config.generation, config.train.per_device_eval_batch_size, config.train.seed)
 
 
 def libraries_in_use(config) -> list[str]:

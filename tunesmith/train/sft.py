@@ -7,8 +7,10 @@ checks and outputs around it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -62,6 +64,10 @@ from tunesmith.train.trainer import TunesmithTrainer
 PISSA_INIT_DIR = "pissa_init"  # the adapter as initialised, which the final PiSSA adapter is converted against
 
 
+# (model, tokenizer, tokenized eval rows) → {metric name: value}, logged with the eval loss
+ReplyScorer = Callable[[Any, Any, Any], dict[str, float]]
+
+
 @dataclass(frozen=True)
 class TrainResult:
     output_dir: Path
@@ -70,8 +76,12 @@ class TrainResult:
     interrupted: bool
 
 
-def run_sft(config: RunConfig) -> TrainResult:
-    """The recipe: output dir → precision → tokenizer → data → model + method → Trainer → train → save."""
+def run_sft(config: RunConfig, score_replies: ReplyScorer | None = None) -> TrainResult:
+    """The recipe: output dir → precision → tokenizer → data → model + method → Trainer → train → save.
+
+    `score_replies` (predict_with_generate with an eval split; the command passes evaluate's scorer) is called at
+    each evaluation with the model, the tokenizer and the unpacked eval rows, and returns metrics to log.
+    """
     from transformers import set_seed
 
     tune_cpu_process()
@@ -86,12 +96,14 @@ def run_sft(config: RunConfig) -> TrainResult:
     chat_format = use_chat_format(tokenizer, config.data.template, processor)
     media = multimodal.ModelMedia.of(config.model, processor)
     # Data before weights: a bad row should fail in seconds, not after a model download.
-    data = prepare_data(config, tokenizer, chat_format.jinja, media)
+    data, eval_rows = prepare_data(config, tokenizer, chat_format.jinja, media)
 
     model, checkpointing = prepare_model(config, model_dir, precision, attention)
     trainer = build_trainer(
         config, model, tokenizer, data, precision, run_dir.fingerprint, checkpointing, run_dir.shared
     )
+    if score_replies is not None and eval_rows is not None:
+        trainer.score_generated_replies = lambda trained: score_replies(trained, tokenizer, eval_rows)
     if media.takes_images:
         trainer.data_collator = multimodal.MediaBatches(trainer.data_collator, media)  # pixel values join the batch
     print_batch_plan(config, trainer, data.train_rows)
@@ -108,6 +120,8 @@ def run_sft(config: RunConfig) -> TrainResult:
         )
         return TrainResult(run_dir.path, trainer.state.global_step, None, interrupted=True)
 
+    if config.train.do_eval:
+        trainer.evaluate()  # logged to metrics.jsonl like the evaluations during training
     save_final_outputs(trainer, tokenizer, processor, config, run_dir.path)
     run_dir.record_finished_run()
     print(f"Done: {trainer.state.global_step} steps, train loss {result.training_loss:.4f}. Output: {run_dir.path}")
@@ -176,19 +190,21 @@ def check_before_loading(config: RunConfig, precision) -> str:
 
 
 def prepare_data(config: RunConfig, tokenizer, chat_template: str, media: multimodal.ModelMedia):
-    """The tokenized train (and eval) rows, packed when asked."""
+    """The tokenized train (and eval) rows, packed when asked; and the eval rows unpacked (replies are generated for
+    them one row each), or None without an eval split."""
     if config.data.packs:
         multimodal.refuse_packing(media)
     seed = config.train.seed
     data = load_sft_data(config.data, tokenizer, chat_template, seed, cache_dir=config.model.cache_dir, media=media)
     print(data.summary())
+    eval_rows = data.eval
     if config.data.packs:
         cutoff_len = config.data.cutoff_len
         packed_train, stats = pack_dataset(data.train, cutoff_len, seed)
         packed_eval = None if data.eval is None else pack_dataset(data.eval, cutoff_len, seed)[0]
         data = replace(data, train=packed_train, eval=packed_eval)
         print(stats.summary())
-    return data
+    return data, eval_rows
 
 
 def prepare_model(config: RunConfig, model_dir: str, precision, attention: str):

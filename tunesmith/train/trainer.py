@@ -7,10 +7,13 @@
 - `gradient_checkpointing: offload`: tensors saved for backward (with checkpointing: the layer inputs) are kept in
   CPU RAM during the step (`torch.autograd.graph.save_on_cpu`) and copied back when backward needs them.
 - `group_by_length` (on by default): the train set is read in `data.length_groups` order, seeded per epoch.
+- `predict_with_generate` with an eval split: each evaluation also generates a reply for every eval row and adds
+  the scores (`eval_bleu-4`, `eval_rouge-*`) to the eval metrics, so they are logged with the eval loss.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -31,15 +34,26 @@ class TunesmithTrainer(Trainer):
         loraplus_lr_embedding: float = 1e-6,
         offload_activations: bool = False,
         train_sampler: Sampler[int] | None = None,
+        score_generated_replies: Callable[[Any], dict[str, float]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.score_generated_replies = score_generated_replies  # model → {metric: value}; None: loss only
         self.train_sampler = train_sampler  # None: Trainer's own (random) order
         self.chunked_loss = chunked_loss
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.loraplus_lr_embedding = loraplus_lr_embedding
         self.offload_activations = offload_activations
         self._chunked_fallback_noted = False
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.score_generated_replies is not None:  # added before Trainer logs the metrics: one line with the loss
+            scores = self.score_generated_replies(self.model)
+            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in scores.items()})
+        return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.chunked_loss or return_outputs or "labels" not in inputs:  # eval outputs need the logits
