@@ -80,7 +80,9 @@ def test_pt_example_trains_and_streams(tmp_path, tiny_model_dir):
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3]
     assert any("eval_loss" in r for r in logged) and (output / "adapter_model.safetensors").is_file()
 
-    streamed = run_example("pt_c4.yaml", tiny_model_dir, tmp_path / "stream", "streaming=true", "max_steps=2")
+    streamed = run_example(
+        "pt_c4.yaml", tiny_model_dir, tmp_path / "stream", "streaming=true", "max_steps=2", "val_size=0"
+    )
     assert [r["step"] for r in records(streamed) if "loss" in r] == [1, 2]
 
 
