@@ -205,3 +205,15 @@ def test_memory_estimate_of_a_reward_model():
     assert reward.logits < causal.logits / 10
     # pt is sft's run, packed by default
     assert load_config(None, ["stage=pt", "dataset=c4_demo"]).data.packing
+
+
+def test_rm_refuses_to_train_on_an_adapter_without_the_head(tmp_path):
+    from tunesmith.model.adapters import check_adapter_saves
+
+    sft_adapter, reward_adapter = tmp_path / "sft", tmp_path / "rm"
+    for folder, saved in ((sft_adapter, None), (reward_adapter, ["score"])):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "modules_to_save": saved}))
+    with pytest.raises(ConfigError, match="create_new_adapter: true"):
+        check_adapter_saves(sft_adapter, "score")
+    check_adapter_saves(reward_adapter, "score")  # a reward adapter trains further
