@@ -8,8 +8,9 @@ the data step encoded with the run's chat template (data/stages.py): prompt + ch
 cut to cutoff_len, never dropped for length. Everything around it (output dir, precision, method, Trainer
 arguments, LoRA+, activation offload, length-grouped batches, callbacks, saving) is sft's.
 
-With an eval set, the eval pairs are scored before the first step and after the last: `eval_accuracy` (share of
-pairs whose chosen answer scores higher) and `eval_margin` (mean r_chosen - r_rejected) go to metrics.jsonl.
+With an eval set (and eval_strategy not `no`), the eval pairs are scored before the first step and after the
+last: `eval_accuracy` (share of pairs whose chosen answer scores higher) and `eval_margin` (mean r_chosen -
+r_rejected) go to metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def run_rm(config: RunConfig) -> TrainResult:
         stage_arguments={
             "max_length": None,  # pairs are already cut to cutoff_len; TRL would drop longer ones
             "disable_dropout": False,  # lora_dropout (and the model's own dropout) stay as configured
-            "eval_on_start": data.eval is not None,  # the accuracy the training starts from
+            # the accuracy the training starts from (eval_strategy: no turns every evaluation off)
+            "eval_on_start": data.eval is not None and config.train.eval_strategy != "no",
         },
     )
     print_batch_plan(config, trainer, data.train_rows)
@@ -108,7 +110,7 @@ def reward_batches(tokenizer):
 
 def report_reward_accuracy(trainer) -> None:
     """Score the eval pairs after the last step (unless an evaluation just did) and print accuracy and margin."""
-    if trainer.eval_dataset is None:
+    if trainer.eval_dataset is None or trainer.args.eval_strategy == "no":
         return
     history = trainer.state.log_history
     last = next((entry for entry in reversed(history) if "eval_accuracy" in entry), None)
