@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("tunesmith.serve.command", "an OpenAI-compatible API over a model: tunesmith serve CONFIG.yaml"),
     "predict": ("tunesmith.evaluate.predict_command", "generate a reply for every row of a test file, with BLEU/ROUGE"),
     "eval": ("tunesmith.evaluate.eval_command", "MMLU, C-Eval or CMMLU accuracy of a model or adapter"),
+    "score": ("tunesmith.evaluate.score_command", "print the reward a model trained by stage rm gives a conversation"),
     "estimate": ("tunesmith.estimate.command", "predict a run's peak memory before loading anything"),
     "webui": ("tunesmith.ui.webui_command", "the browser UI: train, watch, chat, evaluate and export (127.0.0.1)"),
     "version": ("tunesmith.version_command", "print the versions of tunesmith and the libraries it uses"),

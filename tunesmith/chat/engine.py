@@ -22,7 +22,7 @@ from tunesmith.data.templates import TEMPLATES, install_chat_format, resolve_cha
 from tunesmith.errors import ModelError
 from tunesmith.model.adapters import check_adapter_dir, load_adapters, recorded_base_model
 from tunesmith.model.kernels import choose_attention
-from tunesmith.model.load import load_model, load_tokenizer
+from tunesmith.model.load import is_reward_model, load_model, load_tokenizer
 from tunesmith.model.precision import choose_precision
 from tunesmith.model.quantize import check_cpu_4bit_shapes, quantization_for
 from tunesmith.model.resolve import resolve_model
@@ -123,19 +123,22 @@ def load_chat_engine(
     template: str | None = None,
     infer_dtype: str = "auto",
     enable_thinking: bool | None = None,
+    reward: bool = False,
 ) -> ChatEngine:
     """Load the model of `model` (an alias, a directory, a .gguf file or a hub id) with its adapters, if any.
 
     Without model_name_or_path, the base model is the one the first adapter was trained on, or the default model
     if there is no adapter either. The tokenizer comes from the last adapter's directory when training saved one
     there (it carries the chat template and stop token used in training), else from the model. `template` names
-    a template to use instead.
+    a template to use instead. A reward model (trained by stage rm) cannot generate and is refused, unless
+    `reward` asks for one (`tunesmith score`): then it loads with its score head, and a generating model is refused.
     """
     adapter_dirs = [check_adapter_dir(adapter) for adapter in model.adapter_name_or_path or []]
     name = model.model_name_or_path
     if "model_name_or_path" not in model.model_fields_set:
         name = base_model_of_adapter(adapter_dirs[0]) if adapter_dirs else DEFAULT_MODEL
     model_dir = resolve_model(name, model.cache_dir)
+    check_model_kind(model_dir, adapter_dirs, reward)
 
     tokenizer_dir = str(adapter_dirs[-1]) if adapter_dirs and has_tokenizer(adapter_dirs[-1]) else model_dir
     tokenizer = load_tokenizer(tokenizer_dir, model.trust_remote_code)
@@ -153,7 +156,8 @@ def load_chat_engine(
         model_dir, model.quantization_bit, model.quantization_type, model.double_quantization, compute_dtype=dtype
     )
     attention = choose_attention(model.flash_attn, dtype)
-    loaded = load_model(model_dir, dtype, model.trust_remote_code, quantization, attention)
+    pad_id = tokenizer.pad_token_id if reward else None
+    loaded = load_model(model_dir, dtype, model.trust_remote_code, quantization, attention, reward_pad_token_id=pad_id)
     if model.quantization_bit == 4:
         check_cpu_4bit_shapes(loaded)
     if adapter_dirs:
@@ -170,6 +174,21 @@ def load_chat_engine(
     return ChatEngine(
         loaded, tokenizer, model_name=name, adapters=[str(d) for d in adapter_dirs], template_options=options
     )
+
+
+def check_model_kind(model_dir: str, adapter_dirs: list[Path], reward: bool) -> None:
+    """A reward model only scores (tunesmith score); a generating model only chats."""
+    weights = str(adapter_dirs[-1]) if adapter_dirs else model_dir
+    if is_reward_model(model_dir, adapter_dirs) and not reward:
+        raise ModelError(
+            f"{weights} is a reward model (trained with stage rm): it gives a conversation a score and cannot write "
+            "replies; score conversations with `tunesmith score`, or chat with a model trained by stage sft"
+        )
+    if reward and not is_reward_model(model_dir, adapter_dirs):
+        raise ModelError(
+            f"{weights} is not a reward model: it has no score head (train one with stage rm, and give its "
+            "output_dir as adapter_name_or_path, or as model_name_or_path for a full fine-tune)"
+        )
 
 
 def has_tokenizer(directory: Path) -> bool:

@@ -160,7 +160,8 @@ class DataSection(Section):
     packing: bool = Field(
         False,
         description="Fill cutoff_len rows with whole examples (fewer rows, less padding); position ids restart and "
-        "attention stops at each example's boundary, so no example sees another.",
+        "attention stops at each example's boundary, so no example sees another. Default: on for stage pt (unless "
+        "streaming), off otherwise.",
     )
     neat_packing: bool = Field(
         False,
@@ -241,7 +242,9 @@ class DataSection(Section):
 
 class MethodSection(Section):
     stage: Literal["sft", "pt", "rm", "ppo", "dpo", "kto", "orpo", "simpo"] = Field(
-        "sft", description="Training stage; `tunesmith train` runs sft (the data step knows pt, rm, dpo, kto too)."
+        "sft",
+        description="Training stage: sft, pt (plain text, every token trained), rm (a reward model on preference "
+        "pairs); the data step knows dpo and kto too.",
     )
     do_train: bool = Field(True, description="Accepted for LLaMA-Factory compatibility; train always trains.")
     finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="What is trained.")
@@ -660,8 +663,9 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
-        if self.method.stage == "sft" and not self.data.dataset:
+        if not self.data.dataset:
             raise ValueError("`dataset` is empty: name a dataset from dataset_info.json or a .json/.jsonl file")
+        self._stage_keys()
         if self.model.quantization_bit is not None and self.method.finetuning_type != "lora":
             raise ValueError(
                 f"`quantization_bit: {self.model.quantization_bit}` trains a LoRA adapter on frozen quantized weights; "
@@ -708,6 +712,29 @@ class RunConfig(BaseModel):
                 f"{', '.join(generation_keys)} only shape generated replies: set predict_with_generate: true (with "
                 "do_predict or an eval split), or remove them"
             )
+
+    def _stage_keys(self) -> None:
+        """Keys that mean something for some stages only; pt packs by default (LLaMA-Factory's rule)."""
+        stage, data = self.method.stage, self.data
+        if stage == "rm" and self.model.use_unsloth:
+            raise ValueError("`use_unsloth` loads a causal LM; stage rm trains a reward model: remove use_unsloth")
+        if stage == "rm" and self.output.do_predict:
+            raise ValueError("`do_predict` generates replies; a reward model scores them (tunesmith score)")
+        if stage in ("pt", "rm"):
+            for key in ("train_on_prompt", "mask_history"):
+                if getattr(data, key):
+                    raise ValueError(
+                        f"`{key}: true` chooses which conversation turns sft trains on; stage {stage} "
+                        f"{'trains every token of plain text' if stage == 'pt' else 'scores whole conversations'}, "
+                        f"remove the key"
+                    )
+        if stage == "rm" and data.packs:
+            raise ValueError(
+                "`packing` with stage rm: a reward model scores each conversation by its last token, one per row; "
+                "remove packing"
+            )
+        if stage == "pt" and "packing" not in data.model_fields_set and not data.neat_packing and not data.streaming:
+            data.packing = True  # recorded in the resolved config, so the run, the estimate and the log agree
 
     def _unsloth_honours_every_key(self) -> None:
         """Unsloth loads and wraps the model itself: refuse each key its loader or LoRA wrapper cannot honour.

@@ -82,10 +82,16 @@ class LengthGroupedSampler(Sampler[int]):
 
 
 def row_lengths(dataset) -> list[int]:
-    """Tokens per row of a tokenized `datasets.Dataset`, read from its Arrow column without decoding the ids."""
+    """Tokens per row of a tokenized `datasets.Dataset`, read from its Arrow column without decoding the ids; a
+    preference pair (`chosen_ids`, `rejected_ids`, as a reward model reads them) counts its longer side, to which
+    its batch is padded."""
     import pyarrow.compute as pc
 
-    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
+    columns = dataset.with_format("arrow")
+    if "input_ids" in dataset.column_names:
+        return pc.list_value_length(columns["input_ids"]).to_pylist()
+    chosen, rejected = (pc.list_value_length(columns[name]) for name in ("chosen_ids", "rejected_ids"))
+    return pc.max_element_wise(chosen, rejected).to_pylist()
 
 
 def length_grouped_sampler(

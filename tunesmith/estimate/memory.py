@@ -38,6 +38,10 @@ tensors) that training holds at its peak, in bytes:
   backward pass, the gradients of both: 3 x 4 bytes x tokens x vocab. The chunked loss (`chunked_loss: true`)
   does the same for at most `chunk_size` supervised tokens at a time, plus the gathered hidden states.
 
+Stage rm (a reward model) runs each pair's chosen and rejected rows in one batch (twice the rows), has no output
+head over the vocabulary (an untied lm_head is not loaded) and no vocabulary logits: its one-output score head
+keeps only the hidden states it reads. Stage pt is sft's run (packed by default).
+
 The peak is runtime + weights + optimizer + max(activations + logits, gradients): in the forward/backward pass the
 optimizer state of the previous step is alive and the gradients are not (Trainer frees them), while at the
 optimizer step the activations are gone. On a CPU, loading can peak higher than training for a quantized model
@@ -146,6 +150,7 @@ class Settings:
     fsdp_offload: bool = False
     world_size: int = 1
     dtype_bytes: int | None = None  # weights and activations in 2 or 4 bytes; None: the device's precision
+    stage: str = "sft"
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -175,6 +180,7 @@ class Settings:
             fsdp=get("train", "fsdp", None),
             fsdp_offload=get("train", "fsdp_offload", False),
             world_size=get("train", "nproc_per_node", None) or 1,
+            stage=get("method", "stage", "sft"),
         )
 
 
@@ -216,6 +222,10 @@ def estimate(
     if gradient_checkpointing == "auto":
         raise ValueError("resolve gradient_checkpointing: auto before estimating (see choose_checkpointing)")
     cpu, notes = device == "cpu", []
+    if settings.stage == "rm":  # chosen and rejected rows in one batch; no vocabulary head
+        settings = replace(settings, batch_size=2 * settings.batch_size)
+        shape = replace(shape, tied_embeddings=True)
+        notes.append("a reward model: chosen and rejected rows in one batch, a score head instead of the lm_head")
     weight_bytes, act_bytes = kept_dtype_bytes(settings, device)
     weights = base_weight_bytes(shape, settings, weight_bytes, act_bytes, notes)
     training = trainable_terms(shape, settings, weight_bytes)
@@ -371,6 +381,8 @@ def activation_bytes(
 def logits_bytes(shape: ModelShape, s: Settings, act_bytes: int) -> int:
     """The loss head: float32 log-softmax and the gradients of it and of the logits."""
     tokens, vocab = s.batch_size * s.seq_len, shape.vocab_size
+    if s.stage == "rm":  # the score head's input (kept for its backward) and its one float32 output per token
+        return tokens * (shape.hidden_size * act_bytes + 4)
     if s.chunked_loss:
         return 3 * 4 * min(CHUNK_SIZE, tokens) * vocab + tokens * shape.hidden_size * act_bytes
     logits = 3 * 4 * tokens * vocab

@@ -67,12 +67,14 @@ def apply_lora(
     use_dora: bool = False,
     pissa_iter: int | None = None,
     modules_to_save: list[str] | None = None,
+    task_type: str = "CAUSAL_LM",
 ) -> nn.Module:
     """Wrap `model` in a peft LoRA adapter.
 
     rsLoRA scales by alpha/sqrt(r) instead of alpha/r; DoRA adds magnitudes; `pissa_iter` (not None) starts A and B
     from the principal singular vectors, by fast SVD with that many iterations (-1: exact SVD), and leaves the
-    residual in the base weights; `modules_to_save` are trained in full and saved with the adapter.
+    residual in the base weights; `modules_to_save` are trained in full and saved with the adapter. `task_type`
+    is peft's: SEQ_CLS for a reward model, so that peft loads the adapter onto a sequence-classification model.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -91,7 +93,7 @@ def apply_lora(
                 f"decoder layers are: {', '.join(outside_layers)}"
             )
     config = LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=rank,
         lora_alpha=alpha if alpha is not None else 2 * rank,
         lora_dropout=dropout,
@@ -151,6 +153,18 @@ def let_inputs_carry_gradients(model: nn.Module) -> None:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def check_adapter_saves(adapter_dir: Path, module: str) -> None:
+    """Refuse to train further an adapter that does not save `module` (a reward model's score head): the head would
+    stay frozen at its random start."""
+    saved = json.loads((check_adapter_dir(adapter_dir) / ADAPTER_CONFIG).read_text()).get("modules_to_save") or []
+    if module not in saved:
+        raise ConfigError(
+            f"`adapter_name_or_path`: {adapter_dir} does not save a `{module}` head (its modules_to_save: "
+            f"{saved or 'none'}), so training it further would leave the new head untrained; set "
+            "create_new_adapter: true to merge it and train a new adapter with the head"
+        )
 
 
 def check_adapter_weights(state_dict: dict[str, torch.Tensor]) -> None:

@@ -59,18 +59,51 @@ def load_processor(model_dir: str, trust_remote_code: bool = False):
     return processor
 
 
+REWARD_HEAD = "score"  # the one-output head of transformers' *ForSequenceClassification decoder models
+
+
+def is_reward_model(model_dir: str, adapter_dirs: list[Path]) -> bool:
+    """Whether these weights score text instead of generating it: a saved reward model (a sequence-classification
+    model with one output), or an adapter trained as one (peft task SEQ_CLS)."""
+    if adapter_dirs:
+        return _read_json(Path(adapter_dirs[-1]) / "adapter_config.json").get("task_type") == "SEQ_CLS"
+    config = _read_json(Path(model_dir) / "config.json")
+    architectures = config.get("architectures") or []
+    return bool(architectures) and all(name.endswith("ForSequenceClassification") for name in architectures)
+
+
+def check_reward_model_form(model_dir: str, vision_language: bool) -> None:
+    """Refuse, before loading, a model that transformers has no one-output sequence-classification form of."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    if vision_language:
+        raise ModelError(f"{model_dir} is a vision-language model; stage rm builds a reward model on a text model")
+    config = _read_json(Path(model_dir) / "config.json")
+    model_type = config.get("model_type")
+    own_class = "AutoModelForSequenceClassification" in (config.get("auto_map") or {})
+    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not own_class:
+        raise ModelError(
+            f"{model_dir} (model_type {model_type}) has no sequence-classification form in transformers, which "
+            "stage rm builds the reward model from; use a model of another architecture"
+        )
+
+
 def load_model(
     model_dir: str,
     dtype: torch.dtype,
     trust_remote_code: bool = False,
     quantization=None,
     attn_implementation: str | None = None,
+    reward_pad_token_id: int | None = None,
 ):
     """The model in `dtype`; with `quantization` (a BitsAndBytesConfig) its linear layers are quantized as they load.
 
     `attn_implementation` is transformers' name of the attention kernel (sdpa, eager, flash_attention_2); None lets
-    transformers choose. A vision-language model loads whole (vision tower, projector, language model)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    transformers choose. A vision-language model loads whole (vision tower, projector, language model).
+    `reward_pad_token_id` (not None): a reward model, `AutoModelForSequenceClassification` with one output: the
+    causal LM's body and a linear `score` head (new, unless the checkpoint is a reward model already) read at the
+    last token that is not this padding token."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     from tunesmith.model.quantize import prequantized_method, quantized_device_map
     from tunesmith.model.resolve import hub_repo_id, with_hub_weights
@@ -87,9 +120,15 @@ def load_model(
     try:
         vision_language = vision_language_type(model_dir, trust_remote_code) is not None
         auto_class = AutoModelForImageTextToText if vision_language else AutoModelForCausalLM
+        if reward_pad_token_id is not None:
+            check_reward_model_form(model_dir, vision_language)
+            auto_class = AutoModelForSequenceClassification
+            load_options |= {"num_labels": 1, "pad_token_id": reward_pad_token_id}
         model = auto_class.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **load_options)
     except OSError as error:
         raise ModelError(f"cannot load a model from {model_dir}: {error}") from None
+    if reward_pad_token_id is not None and not isinstance(getattr(model, REWARD_HEAD, None), torch.nn.Linear):
+        raise ModelError(f"{model_dir}: its sequence-classification model has no `{REWARD_HEAD}` head to train")
     if quantization is not None:
         release_checkpoint_file(model)
     if hub_repo_id(model_dir) is not None:  # what is saved from it (adapter_config.json) names the hub id, not a cache

@@ -32,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     if config_path is not None and "=" in config_path:  # no file, only overrides
         config_path, overrides = None, [config_path, *overrides]
     config = load_config(config_path, overrides)
-    if config.method.stage != "sft":
-        raise NotSupportedYet(f"`stage: {config.method.stage}` is not supported yet; only `stage: sft` is built so far")
+    if config.method.stage not in ("sft", "pt", "rm"):
+        raise NotSupportedYet(f"`stage: {config.method.stage}` is not supported yet; sft, pt and rm are built so far")
     for library in libraries_in_use(config):
         console.show_library_warnings(library)
     if getattr(args, "as_program", False) and not args.print_config:
@@ -50,9 +50,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     predict_config = predict_config_after_training(config) if config.output.do_predict else None
 
+    from tunesmith.train.pt import run_pt
+    from tunesmith.train.rm import run_rm
     from tunesmith.train.sft import run_sft
 
-    result = run_sft(config, reply_scorer(config))
+    if config.method.stage == "sft":
+        result = run_sft(config, reply_scorer(config))
+    else:
+        result = {"pt": run_pt, "rm": run_rm}[config.method.stage](config)
     if predict_config is not None and not result.interrupted:
         from tunesmith.evaluate.predict import run_predict
 

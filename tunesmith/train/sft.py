@@ -18,7 +18,7 @@ import yaml
 from tunesmith.config import SAVED_CONFIG_FILE, RunConfig, config_to_flat_dict
 from tunesmith.data import multimodal
 from tunesmith.data.collate import PackedBatches, PadToLongest
-from tunesmith.data.dataset import load_sft_data
+from tunesmith.data.dataset import load_data
 from tunesmith.data.length_groups import length_grouped_sampler
 from tunesmith.data.packing import pack_dataset
 from tunesmith.data.templates import use_chat_format
@@ -28,6 +28,7 @@ from tunesmith.model.adapters import (
     LORA_SHAPE_KEYS,
     apply_freeze,
     apply_lora,
+    check_adapter_saves,
     check_adapter_weights,
     check_adapters_to_train,
     check_targets_cover_all,
@@ -44,7 +45,7 @@ from tunesmith.model.kernels import (
     choose_attention,
     load_with_unsloth,
 )
-from tunesmith.model.load import load_model, load_processor, load_tokenizer
+from tunesmith.model.load import REWARD_HEAD, load_model, load_processor, load_tokenizer
 from tunesmith.model.precision import choose_precision, upcast_trainable_parameters
 from tunesmith.model.quantize import check_cpu_4bit_shapes, prepare_for_kbit_training, quantization_for
 from tunesmith.model.resolve import resolve_model
@@ -93,10 +94,10 @@ def run_sft(config: RunConfig, score_replies: ReplyScorer | None = None) -> Trai
     model_dir = resolve_model(config.model.model_name_or_path, config.model.cache_dir)
     processor = load_processor(model_dir, config.model.trust_remote_code)  # None: a text-only model
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
-    chat_format = use_chat_format(tokenizer, config.data.template, processor)
+    chat_template = prepare_chat_format(config, tokenizer, processor)
     media = multimodal.ModelMedia.of(config.model, processor)
     # Data before weights: a bad row should fail in seconds, not after a model download.
-    data, eval_rows = prepare_data(config, tokenizer, chat_format.jinja, media)
+    data, eval_rows = prepare_data(config, tokenizer, chat_template, media)
 
     model, checkpointing = prepare_model(config, model_dir, precision, attention)
     trainer = build_trainer(
@@ -108,7 +109,12 @@ def run_sft(config: RunConfig, score_replies: ReplyScorer | None = None) -> Trai
         trainer.data_collator = multimodal.MediaBatches(trainer.data_collator, media)  # pixel values join the batch
     print_batch_plan(config, trainer, data.train_rows)
     write_run_files(run_dir, config, trainer, model)
+    return train_and_save(trainer, run_dir, config, tokenizer, processor)
 
+
+def train_and_save(trainer, run_dir: RunDir, config: RunConfig, tokenizer, processor, after_training=None):
+    """Train (or resume); on Ctrl-C keep the checkpoint and stop, else save the outputs. `after_training(trainer)`
+    runs between training and saving (rm: the final evaluation)."""
     interrupt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.SaveOnInterrupt))
     result = trainer.train(resume_from_checkpoint=run_dir.resume_from)
     release_free_memory()  # what the allocator kept for the next step
@@ -122,6 +128,8 @@ def run_sft(config: RunConfig, score_replies: ReplyScorer | None = None) -> Trai
 
     if config.train.do_eval:
         trainer.evaluate()  # logged to metrics.jsonl like the evaluations during training
+    if after_training is not None:
+        after_training(trainer)
     save_final_outputs(trainer, tokenizer, processor, config, run_dir.path)
     run_dir.record_finished_run()
     print(f"Done: {trainer.state.global_step} steps, train loss {result.training_loss:.4f}. Output: {run_dir.path}")
@@ -189,13 +197,30 @@ def check_before_loading(config: RunConfig, precision) -> str:
     return attention
 
 
+def prepare_chat_format(config: RunConfig, tokenizer, processor) -> str:
+    """The chat template the data step renders with, installed in the tokenizer that is saved with the run.
+
+    Pre-training reads plain text: a base model's tokenizer without a chat template needs none then."""
+    if config.method.stage == "pt" and config.data.template is None and not tokenizer.chat_template:
+        return ""
+    return use_chat_format(tokenizer, config.data.template, processor).jinja
+
+
 def prepare_data(config: RunConfig, tokenizer, chat_template: str, media: multimodal.ModelMedia):
-    """The tokenized train (and eval) rows, packed when asked; and the eval rows unpacked (replies are generated for
-    them one row each), or None without an eval split."""
+    """The tokenized train (and eval) rows of the run's stage, packed when asked; and the eval rows unpacked
+    (replies are generated for them one row each), or None without an eval split."""
     if config.data.packs:
         multimodal.refuse_packing(media)
     seed = config.train.seed
-    data = load_sft_data(config.data, tokenizer, chat_template, seed, cache_dir=config.model.cache_dir, media=media)
+    data = load_data(
+        config.data,
+        tokenizer,
+        chat_template,
+        stage=config.method.stage,
+        seed=seed,
+        cache_dir=config.model.cache_dir,
+        media=media,
+    )
     print(data.summary())
     eval_rows = data.eval
     if config.data.packs:
@@ -207,8 +232,11 @@ def prepare_data(config: RunConfig, tokenizer, chat_template: str, media: multim
     return data, eval_rows
 
 
-def prepare_model(config: RunConfig, model_dir: str, precision, attention: str):
-    """The model loaded, with the fine-tuning method applied; returns it and the checkpointing mode Trainer uses."""
+def prepare_model(config: RunConfig, model_dir: str, precision, attention: str, reward_pad_token_id: int | None = None):
+    """The model loaded, with the fine-tuning method applied; returns it and the checkpointing mode Trainer uses.
+
+    `reward_pad_token_id` (stage rm): the causal LM's body with a one-output score head, which reads the last token
+    that is not this padding token."""
     model_section = config.model
     quantization = quantization_for(
         model_dir,
@@ -229,7 +257,14 @@ def prepare_model(config: RunConfig, model_dir: str, precision, attention: str):
             model_section.trust_remote_code,
         )
     else:
-        model = load_model(model_dir, precision.dtype, model_section.trust_remote_code, quantization, attention)
+        model = load_model(
+            model_dir,
+            precision.dtype,
+            model_section.trust_remote_code,
+            quantization,
+            attention,
+            reward_pad_token_id=reward_pad_token_id,
+        )
     model = apply_method(model, config, checkpointing)
     if model_section.use_unsloth:
         checkpointing = False  # Unsloth's get_peft_model set up its own; Trainer must not add a second one
@@ -279,6 +314,8 @@ def apply_method(model, config: RunConfig, checkpointing: bool | str = False):
     method = config.method
     # a vision-language model's vision tower and projector, unless set to train: [] for a text model
     frozen = multimodal.frozen_parts(model, config.model.freeze_vision_tower, config.model.freeze_multi_modal_projector)
+    # A reward model's new score head always trains: a LoRA adapter saves it whole (modules_to_save).
+    head = [REWARD_HEAD] if config.method.stage == "rm" else []
     if method.finetuning_type == "lora":
         if getattr(model, "is_quantized", False):  # QLoRA / 8-bit LoRA, or a GPTQ/AWQ model
             if config.model.quantization_bit == 4:
@@ -288,6 +325,8 @@ def apply_method(model, config: RunConfig, checkpointing: bool | str = False):
             keep_last = not method.create_new_adapter  # go on training the last adapter, or merge it too
             if keep_last and method.lora_target == ["all"] and "lora_target" in method.model_fields_set:
                 check_targets_cover_all(model, Path(adapters[-1]))
+            if keep_last and head:
+                check_adapter_saves(Path(adapters[-1]), REWARD_HEAD)
             model = load_adapters(model, adapters, config.model.model_name_or_path, keep_last=keep_last, trainable=True)
             if keep_last:
                 return model
@@ -317,7 +356,8 @@ def apply_method(model, config: RunConfig, checkpointing: bool | str = False):
             use_rslora=method.use_rslora,
             use_dora=method.use_dora,
             pissa_iter=method.pissa_iter if method.pissa_init else None,
-            modules_to_save=method.additional_target,
+            modules_to_save=[*method.additional_target, *head],
+            task_type="SEQ_CLS" if head else "CAUSAL_LM",
         )
     if getattr(model, "is_quantized", False):
         raise ConfigError(
@@ -326,7 +366,10 @@ def apply_method(model, config: RunConfig, checkpointing: bool | str = False):
         )
     if method.finetuning_type == "freeze":
         model = apply_freeze(
-            model, method.freeze_trainable_layers, method.freeze_trainable_modules, method.freeze_extra_modules
+            model,
+            method.freeze_trainable_layers,
+            method.freeze_trainable_modules,
+            [*method.freeze_extra_modules, *head],
         )
     multimodal.freeze(model, frozen)
     return model  # full: every parameter trains (a vision-language model's frozen parts aside)
@@ -408,7 +451,14 @@ def build_trainer(
     fingerprint,
     checkpointing: bool | str,
     output_dir_shared: bool = True,
+    *,
+    trainer_class: type = TunesmithTrainer,
+    data_collator=None,
+    arguments_class: type | None = None,
+    stage_arguments: dict | None = None,
 ):
+    """The Trainer of this run. Another stage (rm) passes its TunesmithTrainer subclass, batches and arguments
+    class (a TRL config: TrainingArguments with the stage's own fields, `stage_arguments`)."""
     from transformers import PrinterCallback
 
     train = config.train
@@ -416,15 +466,26 @@ def build_trainer(
     fsdp_arguments = fsdp.training_arguments(train.fsdp, train.fsdp_offload, train.fsdp_config, model)  # {}: none
     if fsdp_arguments:
         apply_fsdp_on_cpu_processes()  # accelerate 1.15 would drop FSDP on CPU processes and run DDP
-    args = training_arguments(config, model, data, precision, checkpointing, output_dir_shared, fsdp_arguments)
-    trainer = TunesmithTrainer(
+    args = training_arguments(
+        config,
+        model,
+        data,
+        precision,
+        checkpointing,
+        output_dir_shared,
+        fsdp_arguments,
+        arguments_class,
+        **(stage_arguments or {}),
+    )
+    if data_collator is None:
+        pad_id = tokenizer.pad_token_id
+        data_collator = PackedBatches.for_model(pad_id, model) if packing else PadToLongest(pad_id)
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=(
-            PackedBatches.for_model(tokenizer.pad_token_id, model) if packing else PadToLongest(tokenizer.pad_token_id)
-        ),
+        data_collator=data_collator,
         processing_class=tokenizer,
         callbacks=[
             callbacks.TokensPerSecond(),
@@ -451,16 +512,27 @@ def build_trainer(
 
 
 def training_arguments(
-    config: RunConfig, model, data, precision, checkpointing: bool | str, output_dir_shared: bool, fsdp_arguments: dict
+    config: RunConfig,
+    model,
+    data,
+    precision,
+    checkpointing: bool | str,
+    output_dir_shared: bool,
+    fsdp_arguments: dict,
+    arguments_class: type | None = None,
+    **stage_arguments,
 ):
-    """Trainer's arguments for this run: every key that Trainer itself implements is passed through here."""
+    """Trainer's arguments for this run: every key that Trainer itself implements is passed through here.
+
+    `arguments_class`: a TrainingArguments subclass (a TRL config), given every field whose default differs from
+    TrainingArguments' explicitly here, plus `stage_arguments`."""
     from transformers import TrainingArguments
 
     train = config.train
     evaluate = data.eval is not None
     packing = config.data.packs
     eval_strategy = train.eval_strategy or ("steps" if evaluate else "no")
-    return TrainingArguments(
+    return (arguments_class or TrainingArguments)(
         output_dir=config.output.output_dir,
         per_device_train_batch_size=train.per_device_train_batch_size,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
@@ -506,6 +578,7 @@ def training_arguments(
         neftune_noise_alpha=config.method.neftune_noise_alpha,
         use_liger_kernel=config.model.enable_liger_kernel,
         disable_tqdm=True,  # our ProgressBar replaces the default bar and the printed log dicts
+        **stage_arguments,
     )
 
 
