@@ -59,7 +59,7 @@ def test_pt_data_supervises_every_token_in_packed_rows(tiny_model_dir):
     )
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     template = prepare_chat_format(config, tokenizer, None)
-    data = prepare_data(config, tokenizer, template, multimodal.ModelMedia("tiny"))
+    data, _ = prepare_data(config, tokenizer, template, multimodal.ModelMedia("tiny"))
     rows = data.train.to_list()
     assert rows and all(row["labels"] == row["input_ids"] for row in rows)
     assert all(len(row["input_ids"]) <= 64 for row in rows) and any(len(row["seq_lens"]) > 1 for row in rows)
