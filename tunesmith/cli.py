@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -61,6 +62,9 @@ def add_verbose_flag(parser: argparse.ArgumentParser, default) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # TRL's trainers (stages rm, dpo, kto, grpo) report their use to the Hub unless told not to; tunesmith does not
+    # phone home on a user's behalf. HF_HUB_DISABLE_TELEMETRY=0 in the environment turns it back on.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     console.configure(verbose=args.verbose)
     args.as_program = argv is None  # this process's own command line: a command may re-execute it (train/allocator)
     try:

@@ -1,6 +1,7 @@
 """The command table, and bad input as a person meets it: a short message, a non-zero exit, no traceback."""
 
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,12 @@ def test_bad_input_gives_a_clear_message(tmp_path: Path, tiny_model_dir: Path, i
         "c_attn matches no linear layer of this model; its linear layers are: down_proj",
     )
     assert_clean_failure(run_cli("train", "missing.yaml"), "config file missing.yaml does not exist")
+
+
+def test_hub_telemetry_is_off_unless_the_user_turned_it_on(monkeypatch):
+    monkeypatch.delenv("HF_HUB_DISABLE_TELEMETRY", raising=False)
+    assert main(["version"]) == 0
+    assert os.environ["HF_HUB_DISABLE_TELEMETRY"] == "1"
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "0")
+    assert main(["version"]) == 0
+    assert os.environ["HF_HUB_DISABLE_TELEMETRY"] == "0"
