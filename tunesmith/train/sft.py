@@ -410,14 +410,7 @@ def build_trainer(
             PackedBatches.for_model(tokenizer.pad_token_id, model) if packing else PadToLongest(tokenizer.pad_token_id)
         ),
         processing_class=tokenizer,
-        callbacks=[
-            callbacks.TokensPerSecond(),
-            callbacks.ProgressBar(),
-            callbacks.MetricsFile(Path(config.output.output_dir)),
-            callbacks.NonFiniteLossGuard(),
-            callbacks.SaveOnInterrupt(),
-            callbacks.FingerprintCheckpoints(fingerprint),
-        ],
+        callbacks=run_callbacks(config, fingerprint),
         # Liger's fused linear cross-entropy already avoids the full logits, inside the model's own forward
         chunked_loss=config.method.chunked_loss and not config.model.enable_liger_kernel,
         loraplus_lr_ratio=config.method.loraplus_lr_ratio,
@@ -434,17 +427,37 @@ def build_trainer(
     return trainer
 
 
+def run_callbacks(config: RunConfig, fingerprint: dict) -> list:
+    """What every stage's run shows and keeps: progress, tokens/s, metrics.jsonl, NaN guard, Ctrl-C, fingerprints."""
+    return [
+        callbacks.TokensPerSecond(),
+        callbacks.ProgressBar(),
+        callbacks.MetricsFile(Path(config.output.output_dir)),
+        callbacks.NonFiniteLossGuard(),
+        callbacks.SaveOnInterrupt(),
+        callbacks.FingerprintCheckpoints(fingerprint),
+    ]
+
+
 def training_arguments(
     config: RunConfig, model, data, precision, checkpointing: bool | str, output_dir_shared: bool, fsdp_arguments: dict
 ):
     """Trainer's arguments for this run: every key that Trainer itself implements is passed through here."""
     from transformers import TrainingArguments
 
+    values = training_argument_values(config, model, data, precision, checkpointing, output_dir_shared, fsdp_arguments)
+    return TrainingArguments(**values)
+
+
+def training_argument_values(
+    config: RunConfig, model, data, precision, checkpointing: bool | str, output_dir_shared: bool, fsdp_arguments: dict
+) -> dict:
+    """The values of `training_arguments`, which TRL's configs (subclasses of TrainingArguments) take as well."""
     train = config.train
     evaluate = data.eval is not None
     packing = config.data.packs
     eval_strategy = train.eval_strategy or ("steps" if evaluate else "no")
-    return TrainingArguments(
+    return dict(
         output_dir=config.output.output_dir,
         per_device_train_batch_size=train.per_device_train_batch_size,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
