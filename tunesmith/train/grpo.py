@@ -23,7 +23,7 @@ from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.errors import ConfigError
 from tunesmith.train.preference import no_media
 from tunesmith.train.sft import TrainResult
-from tunesmith.train.trl_stage import Loaded, Stage, StageData, run_trl_stage
+from tunesmith.train.trl_stage import Loaded, Stage, StageData, run_trl_stage, without_token_count
 
 
 def run_grpo(config: RunConfig) -> TrainResult:
@@ -129,6 +129,7 @@ def build_grpo_trainer(loaded: Loaded):
         num_generations=preference.num_generations,
         max_completion_length=preference.max_new_tokens,
     )
+    watch = without_token_count(args, loaded.callbacks)
     return GRPOTrainer(
         model=loaded.model,
         reward_funcs=rewards,
@@ -137,5 +138,5 @@ def build_grpo_trainer(loaded: Loaded):
         eval_dataset=loaded.data.eval,
         processing_class=loaded.tokenizer,
         reward_processing_classes=tokenizers,
-        callbacks=loaded.callbacks,
+        callbacks=watch,
     )

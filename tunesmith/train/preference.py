@@ -22,9 +22,15 @@ from tunesmith.config.sections import REFERENCE_FREE_LOSSES
 from tunesmith.data.dataset import load_data
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.errors import DataError
-from tunesmith.train import callbacks
 from tunesmith.train.sft import TrainResult
-from tunesmith.train.trl_stage import Loaded, Stage, StageData, reference_description, run_trl_stage
+from tunesmith.train.trl_stage import (
+    Loaded,
+    Stage,
+    StageData,
+    reference_description,
+    run_trl_stage,
+    without_token_count,
+)
 
 
 def run_dpo(config: RunConfig) -> TrainResult:
@@ -245,9 +251,7 @@ def build_reference_free_trainer(loaded: Loaded):
         )
         print("loss: SimPO (TRL's experimental CPOTrainer, loss_type simpo); no reference model")
 
-    # Their batches have no `input_ids` column for Trainer to count tokens from: no tokens/s for these losses.
-    args.include_num_input_tokens_seen = "no"
-    callback_list = [cb for cb in loaded.callbacks if not isinstance(cb, callbacks.TokensPerSecond)]
+    watch = without_token_count(args, loaded.callbacks)
 
     class TokenizedTrainer(trainer_class):
         """Its public `tokenize_row` hands back our ids in its format instead of tokenizing text."""
@@ -261,5 +265,5 @@ def build_reference_free_trainer(loaded: Loaded):
         train_dataset=loaded.data.train,
         eval_dataset=loaded.data.eval,
         processing_class=loaded.tokenizer,
-        callbacks=callback_list,
+        callbacks=watch,
     )

@@ -140,6 +140,13 @@ def stage_arguments(config: RunConfig, model, data: StageData, precision, checkp
     }
 
 
+def without_token_count(args, watch: list) -> list:
+    """Trainers whose batches have no `input_ids` column (ORPO, CPO, GRPO): Trainer cannot count their tokens, so
+    the count is off and tokens/s is not logged rather than logged as 0."""
+    args.include_num_input_tokens_seen = "no"
+    return [callback for callback in watch if not isinstance(callback, callbacks.TokensPerSecond)]
+
+
 def drop_reference_adapter(trainer) -> None:
     """TRL keeps the reference as a frozen copy of the adapter ("ref"); the output holds only the trained one."""
     model = trainer.accelerator.unwrap_model(trainer.model)
