@@ -85,10 +85,10 @@ def load_reward_model(path: str, config: RunConfig, precision):
     from tunesmith.model.load import load_tokenizer
     from tunesmith.model.resolve import resolve_model
 
-    directory = Path(resolve_model(path, config.model.cache_dir))
     trust = config.model.trust_remote_code
-    adapter_config = directory / "adapter_config.json"
+    adapter_config = Path(path).expanduser() / "adapter_config.json"
     if adapter_config.is_file():
+        directory = adapter_config.parent
         from peft import PeftModel
 
         base = json.loads(adapter_config.read_text(encoding="utf-8"))["base_model_name_or_path"]
@@ -98,7 +98,10 @@ def load_reward_model(path: str, config: RunConfig, precision):
         )
         model = PeftModel.from_pretrained(model, directory).merge_and_unload()
         print(f"reward model: {base} with the LoRA adapter {path}")
+        if not (directory / "tokenizer_config.json").is_file():  # an adapter saved without its tokenizer
+            directory = Path(base_dir)
     else:
+        directory = Path(resolve_model(path, config.model.cache_dir))
         model = AutoModelForSequenceClassification.from_pretrained(
             directory, num_labels=1, dtype=precision.dtype, trust_remote_code=trust
         )
