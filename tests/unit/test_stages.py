@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import DEMO_DATA, REPO
+from tests.unit.test_distributed import TWO_PROCESSES, needs_deepspeed, run_tunesmith
 from tunesmith.cli import main
 from tunesmith.config import load_config
 
@@ -86,6 +87,15 @@ def test_each_stage_example_trains_and_logs_its_metrics(
     assert not (output / "ref").exists()  # TRL's frozen reference adapter is not part of the output
     if example in ("dpo_lora.yaml", "kto_lora.yaml"):
         assert "reference: the base model" in capsys.readouterr().out
+    if example == "dpo_lora.yaml":  # plain peft loads the adapter as saved
+        from peft import PeftModel, get_peft_model_state_dict
+        from transformers import AutoModelForCausalLM
+
+        reloaded = get_peft_model_state_dict(
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), output)
+        )
+        assert reloaded.keys() == adapter.keys()
+        assert all(torch.equal(reloaded[name], adapter[name]) for name in adapter)
 
 
 def test_preference_rows_reach_trl_as_our_ids_with_only_the_answers_in_the_loss(tiny_model_dir):
@@ -269,3 +279,29 @@ def test_data_check_reads_each_stage_as_its_recipe_does(tiny_model_dir, capsys):
     grpo = ["stage=grpo", "dataset=alpaca_en_demo", "reward_funcs=r.py:f", "num_generations=2"]
     assert main(["data", "check", *grpo, *common]) == 0
     assert "0 bad" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param((), id="ddp"),
+        pytest.param(("deepspeed=ds_z2",), marks=needs_deepspeed, id="zero2"),
+    ],
+)
+def test_two_process_dpo_matches_one_process_with_the_same_global_batch(engine, tmp_path, tiny_model_dir):
+    # float32 and 3 steps of 4 rows: the weights agree to 1e-5 only if both runs saw the same pairs in each step
+    common = ("max_steps=3", "max_samples=12", "bf16=false", "optim=adamw_torch", "lr_scheduler_type=linear")
+    one = tmp_path / "one"
+    assert main(example_args("dpo_lora.yaml", tiny_model_dir, one, *common, "per_device_train_batch_size=4")) == 0
+    two = tmp_path / "two"
+    args = example_args("dpo_lora.yaml", tiny_model_dir, two, *common, "per_device_train_batch_size=2")
+    result = run_tunesmith([*args, "nproc_per_node=2", *engine])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert TWO_PROCESSES in result.stdout
+    expected, got = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    worst = max((expected[name] - got[name]).abs().max().item() for name in expected)
+    assert worst <= 1e-5, worst
+    assert max(tensor.abs().max().item() for name, tensor in got.items() if "lora_B" in name) > 1e-3
+    steps = [record["step"] for record in records(two) if "loss" in record]
+    assert steps == [1, 2, 3]  # rank 0 alone writes metrics.jsonl
