@@ -1,12 +1,13 @@
 """The preference stages on the real SmolLM2-135M-Instruct: DPO widens the implicit reward margin on pairs it never
-trained on; ORPO, SimPO and KTO losses fall. Short runs on LLaMA-Factory's demo pairs."""
+trained on; ORPO, SimPO and KTO losses fall. Short runs on 20 short pairs (tests/fixtures/stages/answer_pairs.json:
+a fact question, its answer chosen over "I don't know.")."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_DATA, REPO
+from tests.conftest import REPO, TEST_FIXTURES
 from tunesmith.cli import main
 
 pytestmark = pytest.mark.slow
@@ -20,7 +21,7 @@ def run(example: str, output: Path, *overrides: str) -> list[dict]:
     args = [
         "train",
         str(REPO / "examples" / example),
-        f"dataset_dir={DEMO_DATA}",
+        f"dataset={TEST_FIXTURES / 'stages' / 'answer_pairs.json'}",
         f"output_dir={output}",
         "cutoff_len=192",
         "per_device_train_batch_size=2",
@@ -39,7 +40,6 @@ def test_dpo_lora_raises_the_implicit_reward_margin_on_held_out_pairs(tmp_path):
     logged = run(
         "dpo_lora.yaml",
         tmp_path / "dpo",
-        "max_samples=12",
         "val_size=4",
         "max_steps=8",
         "eval_steps=8",
@@ -66,7 +66,7 @@ def mean(values: list[float]) -> float:
     ],
 )
 def test_reference_free_and_kto_losses_fall(example, overrides, tmp_path):
-    """Four rows read again and again: the loss of the last steps is below that of the first."""
+    """Four pairs read again and again (KTO: unpaired into eight answers): the last steps' loss is below the first's."""
     logged = run(example, tmp_path / "out", "max_samples=4", "max_steps=6", "learning_rate=5e-4", *overrides)
     losses = [record["loss"] for record in logged if "loss" in record]
     print(f"{example}: losses {[round(value, 4) for value in losses]}")

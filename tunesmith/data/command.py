@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "convert":
             stage = reading_stage(spec)
         else:
-            stage = spec.natural_stage if whole_registry else stage_for_run(config.method.stage, spec.natural_stage)
+            stage = spec.natural_stage if whole_registry else stage_for_run(config.method.stage, reading_stage(spec))
         if stage not in steps:
             steps[stage] = DataStep(config.data, tokenizer, chat_format.jinja, stage, config.train.seed, root, media)
         return steps[stage]

@@ -15,6 +15,7 @@ from typing import Any
 
 from tunesmith.config import RunConfig
 from tunesmith.data.dataset import load_data
+from tunesmith.data.files import read_rows
 from tunesmith.data.registry import resolve_datasets
 from tunesmith.data.stages import PAIRWISE_STAGES
 from tunesmith.errors import ConfigError
@@ -32,7 +33,7 @@ def run_kto(config: RunConfig) -> TrainResult:
 def rows_are_pairs(config: RunConfig) -> bool:
     """Whether the run's datasets hold preference pairs (unpaired for KTO) rather than kto_tag rows."""
     specs = resolve_datasets(config.data.dataset + config.data.eval_dataset, config.data.dataset_dir)
-    kinds = {spec.name: spec.natural_stage for spec in specs}
+    kinds = {spec.name: holds(spec) for spec in specs}
     pairs = {name for name, stage in kinds.items() if stage in PAIRWISE_STAGES}
     if pairs and len(pairs) < len(kinds):
         raise ConfigError(
@@ -40,6 +41,14 @@ def rows_are_pairs(config: RunConfig) -> bool:
             f"{', '.join(sorted(pairs))} hold pairs, {', '.join(sorted(set(kinds) - pairs))} do not"
         )
     return bool(pairs)
+
+
+def holds(spec) -> str:
+    """The stage a dataset's rows are for; a file given by path: from the columns of its first row."""
+    if not spec.from_path:
+        return spec.natural_stage
+    first = next(read_rows(spec.files[0]), None)
+    return "dpo" if first is not None and {"chosen", "rejected"} <= set(first.data) else "kto"
 
 
 def unpaired(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
