@@ -305,3 +305,25 @@ def test_two_process_dpo_matches_one_process_with_the_same_global_batch(engine, 
     assert max(tensor.abs().max().item() for name, tensor in got.items() if "lora_B" in name) > 1e-3
     steps = [record["step"] for record in records(two) if "loss" in record]
     assert steps == [1, 2, 3]  # rank 0 alone writes metrics.jsonl
+
+
+def test_dpo_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    """The LoRA reference ("ref" adapter) is rebuilt from the starting adapter, not from the checkpoint's."""
+    import shutil
+
+    settings = ("max_steps=4", "save_steps=2", "bf16=false", "lr_scheduler_type=linear", "warmup_ratio=0")
+    straight = tmp_path / "straight"
+    assert main(example_args("dpo_lora.yaml", tiny_model_dir, straight, *settings)) == 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(straight / "tunesmith_run.json", resumed)
+    resume = ("resume_from_checkpoint=true", "overwrite_output_dir=false")
+    assert main(example_args("dpo_lora.yaml", tiny_model_dir, resumed, *settings, *resume)) == 0
+    expected = load_file(straight / "adapter_model.safetensors")
+    got = load_file(resumed / "adapter_model.safetensors")
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
+    at_step_2 = load_file(straight / "checkpoint-2" / "adapter_model.safetensors")
+    assert max((expected[k] - at_step_2[k]).abs().max().item() for k in expected) > 1e-4
+    first_resumed = next(record for record in records(resumed) if "rewards/margins" in record)
+    assert first_resumed["step"] == 3
