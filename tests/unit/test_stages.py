@@ -327,3 +327,14 @@ def test_dpo_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny
     assert max((expected[k] - at_step_2[k]).abs().max().item() for k in expected) > 1e-4
     first_resumed = next(record for record in records(resumed) if "rewards/margins" in record)
     assert first_resumed["step"] == 3
+
+
+def test_precompute_auto_turns_on_only_when_the_second_copy_would_not_fit(tiny_model_dir, monkeypatch):
+    from tunesmith.estimate import memory
+
+    config = load_config(None, ["stage=dpo", "dataset=x", "finetuning_type=full", "precompute_ref_log_probs=auto"])
+    monkeypatch.setattr(memory, "available_memory", lambda device: 64 * memory.GiB)
+    assert memory.auto_precompute(config, str(tiny_model_dir), "cpu")[0] is False
+    monkeypatch.setattr(memory, "available_memory", lambda device: memory.GiB // 2)
+    enabled, reason = memory.auto_precompute(config, str(tiny_model_dir), "cpu")
+    assert enabled and "second copy as the reference" in reason
