@@ -162,6 +162,13 @@ def test_dpo_on_an_sft_adapter_takes_that_adapter_as_the_reference(tmp_path, tin
     assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
     assert first["logps/chosen"] != 0.0
 
+    # the same adapter named as ref_model_adapters, under a new adapter on the bare base: the rewards move from 0
+    args = [arg for arg in args if not arg.startswith(("adapter_name_or_path=", "output_dir="))]
+    reference = [f"ref_model={tiny_model_dir}", f"ref_model_adapters={tmp_path / 'sft'}"]
+    assert main([*args, *reference, f"output_dir={tmp_path / 'ref'}"]) == 0
+    assert f"reference: {tiny_model_dir} with {tmp_path / 'sft'} merged (ref_model)" in capsys.readouterr().out
+    assert records(tmp_path / "ref")[0]["rewards/chosen"] != 0.0
+
 
 def test_full_dpo_with_precomputed_reference_log_probs_trains_as_with_a_second_copy(tmp_path, tiny_model_dir, capsys):
     common = ("finetuning_type=full", "bf16=false", "max_steps=2")
