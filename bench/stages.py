@@ -3,9 +3,11 @@ DPOTrainer as its documentation shows; then full DPO with and without precompute
 
     python -m bench.stages [--steps 8] [--cutoff-len 512]
 
-Each run is its own process (peak resident memory is the process's own); steps/s is Trainer's train_runtime over
-the steps. Both LoRA runs use the same pairs (LLaMA-Factory's dpo_en_demo), batch, steps, learning rate, LoRA
-shape, precision and max length; TRL renders and tokenizes the pairs itself, tunesmith reads its data step's ids.
+Each run is its own process (peak resident memory is the process's own; tunesmith runs as `tunesmith train`, which
+on a CPU re-executes itself with tcmalloc where installed); steps/s is Trainer's train_runtime over the steps
+(precompute_ref_log_probs's pass over the data comes before training and is not in it). Both LoRA runs use the same
+pairs (LLaMA-Factory's dpo_en_demo), batch, steps, learning rate, LoRA shape, precision and max length; TRL renders
+and tokenizes the pairs itself, tunesmith reads its data step's ids.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
 def tunesmith_child(output: str, steps: int, cutoff_len: int, *overrides: str) -> dict:
-    from tunesmith.cli import main
-
+    """`tunesmith train` as a user runs it (its own process: on a CPU it re-executes with tcmalloc where installed)."""
     args = [
         "train",
         str(REPO / "examples" / "dpo_lora.yaml"),
@@ -42,10 +43,14 @@ def tunesmith_child(output: str, steps: int, cutoff_len: int, *overrides: str) -
         "warmup_ratio=0",
         *overrides,
     ]
-    assert main(args) == 0
+    subprocess.run([sys.executable, "-m", "tunesmith", *args], cwd=REPO, check=True)
     logged = [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
-    runtime = next(record["train_runtime"] for record in logged if "train_runtime" in record)
-    return {"runtime": runtime, "loss": [r["loss"] for r in logged if "loss" in r][-1]}
+    summary = next(record for record in reversed(logged) if "train_loss" in record)  # the run's last entry
+    return {
+        "runtime": summary["train_runtime"],
+        "loss": [r["loss"] for r in logged if "loss" in r][-1],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
 
 
 def trl_child(output: str, steps: int, cutoff_len: int) -> dict:
@@ -94,7 +99,11 @@ def trl_child(output: str, steps: int, cutoff_len: int) -> dict:
         peft_config=peft_config,
     )
     result = trainer.train()
-    return {"runtime": result.metrics["train_runtime"], "loss": trainer.state.log_history[-2]["loss"]}
+    return {
+        "runtime": result.metrics["train_runtime"],
+        "loss": trainer.state.log_history[-2]["loss"],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def child(kind: str, output: str, steps: int, cutoff_len: int, result_path: str) -> None:
@@ -107,11 +116,7 @@ def child(kind: str, output: str, steps: int, cutoff_len: int, result_path: str)
         result = tunesmith_child(output, steps, cutoff_len, "finetuning_type=full")
     else:
         result = tunesmith_child(output, steps, cutoff_len, "finetuning_type=full", "precompute_ref_log_probs=true")
-    result |= {
-        "steps_per_second": steps / result["runtime"],
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "process_seconds": time.perf_counter() - start,
-    }
+    result |= {"steps_per_second": steps / result["runtime"], "process_seconds": time.perf_counter() - start}
     Path(result_path).write_text(json.dumps(result))
 
 
