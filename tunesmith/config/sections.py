@@ -241,10 +241,11 @@ class DataSection(Section):
 
 
 class MethodSection(Section):
-    stage: Literal["sft", "pt", "rm", "ppo", "dpo", "kto", "orpo", "simpo"] = Field(
+    stage: Literal["sft", "pt", "rm", "ppo", "dpo", "kto", "orpo", "simpo", "grpo"] = Field(
         "sft",
-        description="Training stage: sft, pt (plain text, every token trained), rm (a reward model on preference "
-        "pairs); the data step knows dpo and kto too.",
+        description="Training stage: sft, pt, rm, dpo (pref_loss picks the loss; orpo and simpo are shorthands for "
+        "dpo with that pref_loss), kto, or grpo (online RL from reward_model / reward_funcs). ppo is refused: TRL "
+        "1.x has no PPO.",
     )
     do_train: bool = Field(True, description="Accepted for LLaMA-Factory compatibility; train always trains.")
     finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="What is trained.")
@@ -352,12 +353,148 @@ class MethodSection(Section):
             raise ValueError("GaLore needs its library: pip install galore-torch")
         return value
 
+    @field_validator("stage")
+    @classmethod
+    def _no_ppo(cls, value: str) -> str:
+        if value == "ppo":
+            raise ValueError(
+                "TRL 1.x removed PPO and its value-head model; use stage: grpo with reward_model (a stage: rm output) "
+                "or reward_funcs"
+            )
+        return value
+
     @field_validator("do_train")
     @classmethod
     def _training_only(cls, value: bool) -> bool:
         if not value:
             raise NotSupportedYet("`do_train: false` (evaluation or prediction only) is not supported yet")
         return value
+
+
+# TRL 1.16's DPO losses by their TRL names ("sft" is pref_ftx), and the two reference-free losses LLaMA-Factory names
+# pref_loss, which run TRL's ORPO and CPO trainers.
+DPO_LOSSES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
+PreferenceLoss = Literal[DPO_LOSSES + REFERENCE_FREE_LOSSES]  # type: ignore[valid-type]
+
+
+class PreferenceSection(Section):
+    """The keys of the stages trained through TRL: dpo (and its loss family), kto and grpo."""
+
+    pref_beta: float = Field(
+        0.1, gt=0, description="dpo/kto/simpo: beta, how far the policy may move from the reference; orpo: lambda."
+    )
+    pref_ftx: float = Field(
+        0.0,
+        ge=0,
+        description="dpo: weight of an SFT term (mean NLL of the chosen answer, TRL's `sft` loss) added to the "
+        "preference loss; simpo: the CPO behaviour-cloning weight (cpo_alpha; 0 is pure SimPO).",
+    )
+    pref_loss: PreferenceLoss = Field(
+        "sigmoid",
+        description="dpo loss: sigmoid (DPO), hinge, ipo, or another of TRL's DPO losses by its TRL name (robust, "
+        "exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm); "
+        "orpo and simpo need no reference model (TRL's ORPO and CPO trainers).",
+    )
+    dpo_label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="dpo with pref_loss robust or exo_pair: the label-noise rate (TRL's label_smoothing). TRL 1.x has "
+        "no cDPO (smoothed sigmoid), so with pref_loss: sigmoid it is refused.",
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="pref_loss: simpo: the target reward margin gamma.")
+    ld_alpha: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="dpo: LD-DPO, weight of the answer tokens beyond the shorter answer's length (1: plain DPO).",
+    )
+    ref_model: str | None = Field(
+        None,
+        description="dpo/kto: the reference model (a directory, .gguf, hub id or alias). Default: LoRA: the model "
+        "the new adapter starts from (adapter switched off, or a frozen copy of the adapter it continues); "
+        "full/freeze: a second copy of the model.",
+    )
+    ref_model_adapters: list[str] | None = Field(
+        None, description="ref_model: LoRA adapters merged into the reference model, comma-separated."
+    )
+    ref_model_quantization_bit: Literal[4, 8] | None = Field(
+        None, description="ref_model: load the reference in 4 or 8 bits (bitsandbytes)."
+    )
+    precompute_ref_log_probs: Literal["auto"] | bool = Field(
+        False,
+        description="dpo/kto: compute the reference log-probs of every row once before training and free the "
+        "reference model; auto: only when a second copy would not fit by the memory estimate (full/freeze).",
+    )
+    kto_chosen_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable (true) rows' loss.")
+    kto_rejected_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable (false) rows' loss.")
+    reward_model: str | None = Field(
+        None,
+        description="grpo: a reward model trained with stage: rm (a full model directory, or a LoRA adapter "
+        "directory whose adapter_config.json names its base).",
+    )
+    reward_funcs: list[str] = Field(
+        default_factory=list,
+        description="grpo: reward functions as file.py:function, comma-separated; each is called as "
+        "fn(prompts=..., completions=..., **columns) and returns one float per completion.",
+    )
+    num_generations: int = Field(8, ge=2, description="grpo: completions sampled per prompt (the group size).")
+
+    _split_lists = field_validator("ref_model_adapters", "reward_funcs", mode="before")(_split_list)
+
+    @field_validator("pref_loss", mode="before")
+    @classmethod
+    def _no_kto_pair(cls, value: Any) -> Any:
+        if value == "kto_pair":
+            raise ValueError("kto_pair was removed from TRL; use stage: kto (paired rows are unpaired for it)")
+        return value
+
+    @field_validator("precompute_ref_log_probs", mode="before")
+    @classmethod
+    def _precompute_choice(cls, value: Any) -> Any:
+        choices = {"auto": "auto", "true": True, "false": False}
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in choices:
+            return choices[value.lower()]
+        raise ValueError("expected true, false or auto")
+
+    @field_validator("reward_funcs")
+    @classmethod
+    def _reward_function_spelling(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            path, _, name = spec.rpartition(":")
+            if not path.endswith(".py") or not name.isidentifier():
+                raise ValueError(f"{spec!r}: write each reward function as path/to/file.py:function_name")
+        return value
+
+    @model_validator(mode="after")
+    def _losses_agree(self) -> PreferenceSection:
+        if self.dpo_label_smoothing and self.pref_loss not in ("robust", "exo_pair"):
+            raise ValueError(
+                f"dpo_label_smoothing: {self.dpo_label_smoothing} with pref_loss: {self.pref_loss}: TRL 1.x has no "
+                "cDPO (label-smoothed sigmoid); use pref_loss: robust (TRL's noise-robust DPO, a different formula) "
+                "or exo_pair, or remove dpo_label_smoothing"
+            )
+        if self.ref_model is None and (self.ref_model_adapters or self.ref_model_quantization_bit):
+            raise ValueError("ref_model_adapters and ref_model_quantization_bit describe ref_model, which is not set")
+        return self
 
 
 LrScheduler = Literal[
@@ -649,6 +786,9 @@ class GenerationSection(Section):
         return kwargs
 
 
+TRL_STAGES = ("dpo", "orpo", "simpo", "kto", "grpo")
+
+
 class RunConfig(BaseModel):
     """Everything `tunesmith train` needs, validated before any weight is loaded."""
 
@@ -658,6 +798,7 @@ class RunConfig(BaseModel):
     data: DataSection = Field(default_factory=DataSection)
     method: MethodSection = Field(default_factory=MethodSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     output: OutputSection = Field(default_factory=OutputSection)
     generation: GenerationSection = Field(default_factory=GenerationSection)
 
@@ -692,9 +833,16 @@ class RunConfig(BaseModel):
         if self.train.deepspeed:
             self._optimizer_settings_reach_deepspeed()
         self._adapters_fit_the_run()
+        self._stage_keys_apply()
+        if self.method.stage in TRL_STAGES:
+            self._trl_stage_honours_every_key()
         if self.model.use_unsloth:
             self._unsloth_honours_every_key()
         return self
+
+    def generation_keys_read_by_stage(self) -> set[str]:
+        """grpo samples completions while training: max_new_tokens is their length."""
+        return {"max_new_tokens"} if self.method.stage == "grpo" else set()
 
     def _evaluation_has_rows(self) -> None:
         """do_eval and generated eval replies need an eval split; the generation keys need predict_with_generate."""
@@ -706,7 +854,7 @@ class RunConfig(BaseModel):
                 "`predict_with_generate: true` generates for the eval split or for do_predict: set val_size or "
                 "eval_dataset"
             )
-        generation_keys = sorted(self.generation.model_fields_set)
+        generation_keys = sorted(self.generation.model_fields_set - self.generation_keys_read_by_stage())
         if generation_keys and not self.output.predict_with_generate:
             raise ValueError(
                 f"{', '.join(generation_keys)} only shape generated replies: set predict_with_generate: true (with "
@@ -735,6 +883,87 @@ class RunConfig(BaseModel):
             )
         if stage == "pt" and "packing" not in data.model_fields_set and not data.neat_packing and not data.streaming:
             data.packing = True  # recorded in the resolved config, so the run, the estimate and the log agree
+
+    def preference_loss(self) -> str:
+        """The loss of a pairwise stage: `stage: orpo|simpo` are shorthands for dpo with that pref_loss."""
+        return self.method.stage if self.method.stage in REFERENCE_FREE_LOSSES else self.preference.pref_loss
+
+    def uses_reference(self) -> bool:
+        """dpo with a loss against a reference model, and kto."""
+        stage = self.method.stage
+        return stage == "kto" or (stage == "dpo" and self.preference_loss() not in REFERENCE_FREE_LOSSES)
+
+    def _stage_keys_apply(self) -> None:
+        """A preference key set for a stage (or loss) that does not read it is refused, never silently ignored."""
+        stage, loss = self.method.stage, self.preference_loss()
+        dpo_family = stage in ("dpo", "orpo", "simpo")
+        reads = {
+            "pref_beta": dpo_family or stage == "kto",
+            "pref_ftx": dpo_family and loss != "orpo",
+            "pref_loss": stage == "dpo",
+            "dpo_label_smoothing": dpo_family and loss not in REFERENCE_FREE_LOSSES,
+            "simpo_gamma": loss == "simpo" and dpo_family,
+            "ld_alpha": dpo_family and loss not in REFERENCE_FREE_LOSSES,
+            "ref_model": self.uses_reference(),
+            "ref_model_adapters": self.uses_reference(),
+            "ref_model_quantization_bit": self.uses_reference(),
+            "precompute_ref_log_probs": self.uses_reference(),
+            "kto_chosen_weight": stage == "kto",
+            "kto_rejected_weight": stage == "kto",
+            "reward_model": stage == "grpo",
+            "reward_funcs": stage == "grpo",
+            "num_generations": stage == "grpo",
+        }
+        for key in sorted(self.preference.model_fields_set):
+            if not reads[key]:
+                about = f"stage: {stage}" + (f" with pref_loss: {loss}" if dpo_family else "")
+                raise ValueError(f"`{key}` is not used by {about}; remove it")
+        if stage in ("orpo", "simpo") and "pref_loss" in self.preference.model_fields_set:
+            raise ValueError(f"stage: {stage} is dpo with pref_loss: {stage}; remove pref_loss")
+
+    def _trl_stage_honours_every_key(self) -> None:
+        """Stages trained through TRL's trainers: refuse the SFT-only keys they would not honour, and TRL's limits."""
+        stage, method, train, data = self.method.stage, self.method, self.train, self.data
+        if not data.dataset:
+            raise ValueError(f"`dataset` is empty: stage {stage} needs a dataset")
+        refused = {
+            "packing": (data.packs, "packs SFT rows; preference and RL rows are not packed"),
+            "streaming": (data.streaming, "is not supported yet for this stage; use a dataset that fits in memory"),
+            "train_on_prompt": (data.train_on_prompt, "does not apply: only answers enter these losses"),
+            "mask_history": (data.mask_history, "does not apply: only the last answer enters these losses"),
+            "group_by_length": (train.group_by_length is True, "orders SFT rows; TRL's trainers read rows shuffled"),
+            "loraplus_lr_ratio": (method.loraplus_lr_ratio is not None, "is built into the SFT trainer only"),
+            "neftune_noise_alpha": (method.neftune_noise_alpha is not None, "is an SFT technique"),
+            "chunked_loss": (not method.chunked_loss, "is the SFT loss; TRL computes these log-probs in chunks itself"),
+            "gradient_checkpointing": (train.gradient_checkpointing == "offload", "offload is built for SFT only"),
+            "use_unsloth": (self.model.use_unsloth, "patches the model for SFT; not with TRL's trainers here"),
+            "enable_liger_kernel": (self.model.enable_liger_kernel, "is deprecated in TRL's preference trainers"),
+            "torch_compile": (train.torch_compile, "is not tested with TRL's trainers; remove it"),
+            "use_galore": (method.use_galore, "is not tested with TRL's trainers; remove it"),
+            "do_predict": (self.output.do_predict, "generates after SFT; run tunesmith predict on the output"),
+        }
+        for key, (is_set, reason) in refused.items():
+            if is_set:
+                raise ValueError(f"`{key}` with stage: {stage}: {reason}")
+        if stage == "kto" and train.per_device_train_batch_size < 2:
+            raise ValueError(
+                "stage: kto needs per_device_train_batch_size of 2 or more: KTO estimates its KL term from the other "
+                "rows of the same batch, and with one row it equals the reward (TRL refuses it); use "
+                "per_device_train_batch_size: 2 and halve gradient_accumulation_steps"
+            )
+        if stage == "grpo":
+            if not self.preference.reward_model and not self.preference.reward_funcs:
+                raise ValueError("stage: grpo needs a reward: reward_model (a stage: rm output) and/or reward_funcs")
+            rows = train.per_device_train_batch_size * train.gradient_accumulation_steps * (train.nproc_per_node or 1)
+            generations = self.preference.num_generations
+            if rows % generations:
+                raise ValueError(
+                    f"stage: grpo samples num_generations ({generations}) completions per prompt, so the rows per "
+                    f"step (per_device_train_batch_size x gradient_accumulation_steps x processes = {rows}) must be "
+                    f"a multiple of it"
+                )
+        if self.method.pissa_init and self.uses_reference():
+            raise ValueError("pissa_init changes the base weights, which the reference model shares; remove it")
 
     def _unsloth_honours_every_key(self) -> None:
         """Unsloth loads and wraps the model itself: refuse each key its loader or LoRA wrapper cannot honour.

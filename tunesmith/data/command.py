@@ -35,7 +35,7 @@ from tunesmith.data.formats import Example, read_rows
 from tunesmith.data.multimodal import ModelMedia
 from tunesmith.data.registry import DatasetSpec, load_registry, resolve_datasets
 from tunesmith.data.selection import select_rows
-from tunesmith.data.stages import MEDIA_COLUMNS
+from tunesmith.data.stages import MEDIA_COLUMNS, stage_for_run
 from tunesmith.data.templates import use_chat_format
 from tunesmith.errors import DataError, TunesmithError
 from tunesmith.model.load import load_processor, load_tokenizer
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "convert":
             stage = reading_stage(spec)
         else:
-            stage = spec.natural_stage if whole_registry else config.method.stage
+            stage = spec.natural_stage if whole_registry else stage_for_run(config.method.stage, reading_stage(spec))
         if stage not in steps:
             steps[stage] = DataStep(config.data, tokenizer, chat_format.jinja, stage, config.train.seed, root, media)
         return steps[stage]

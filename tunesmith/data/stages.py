@@ -38,6 +38,16 @@ MEDIA_COLUMNS = ("images", "videos", "audios")
 BOOKKEEPING = ("truncated", "supervised")  # per-example counts for the summary, removed before training
 
 
+def stage_for_run(run_stage: str, natural_stage: str) -> str:
+    """The data-step stage that reads a dataset for a run of `run_stage`, given what the dataset holds: grpo takes
+    the prompts of SFT rows; kto takes kto_tag rows, or preference pairs as they are (the recipe unpairs them)."""
+    if run_stage == "grpo":
+        return "sft"
+    if run_stage == "kto" and natural_stage in PAIRWISE_STAGES:
+        return "dpo"
+    return run_stage
+
+
 def reads_text(stage: str) -> bool:
     """Pre-training reads plain text; every other stage reads conversations."""
     return stage == "pt"

@@ -36,6 +36,7 @@ SCALE = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 TERMS = {
     "runtime": "process baseline (CPU: Python + torch + libraries; GPU: CUDA context)",
     "weights": "base model parameters as kept",
+    "reference": "dpo/kto: the frozen reference model (a second copy; 0 with LoRA or precompute_ref_log_probs)",
     "trainable": "LoRA parameters (float32)",
     "gradients": "one gradient per trainable parameter",
     "optimizer": "optimizer state (and DeepSpeed master weights)",

@@ -112,13 +112,14 @@ class MemoryEstimate:
     logits: int
     loading_peak: int  # weights + pages while loading, compared with the training peak
     total_bytes: int
+    reference: int = 0  # dpo/kto with full/freeze (or ref_model): the frozen second copy of the model
     host_bytes: int = 0  # on a GPU: what offloading keeps in CPU RAM instead (not in total_bytes)
     gradient_checkpointing: bool | str = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def parts(self) -> dict[str, int]:
         """The named terms, in the order the table prints them."""
-        names = ("runtime", "weights", "trainable", "gradients", "optimizer")
+        names = ("runtime", "weights", "reference", "trainable", "gradients", "optimizer")
         return {name: getattr(self, name) for name in (*names, "activations", "logits")}
 
     def as_dict(self) -> dict[str, Any]:
@@ -151,6 +152,7 @@ class Settings:
     world_size: int = 1
     dtype_bytes: int | None = None  # weights and activations in 2 or 4 bytes; None: the device's precision
     stage: str = "sft"
+    reference_copy: bool = False  # dpo/kto: a frozen second copy of the model is held (not LoRA, not precomputed)
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -159,7 +161,15 @@ class Settings:
 
         deepspeed = get("train", "deepspeed", None)
         target = get("method", "lora_target", ["all"])
+        stage = get("method", "stage", "sft")
+        loss = stage if stage in ("orpo", "simpo") else get("preference", "pref_loss", "sigmoid")
+        uses_reference = stage == "kto" or (stage == "dpo" and loss not in ("orpo", "simpo"))
+        separate_reference = get("preference", "ref_model", None) or get("method", "finetuning_type", "lora") != "lora"
+        # a pair's chosen and rejected rows go through the model as one batch of twice the rows (rm: see estimate())
+        rows = get("train", "per_device_train_batch_size", 1) * (2 if stage in ("dpo", "orpo", "simpo") else 1)
         return cls(
+            reference_copy=bool(uses_reference and separate_reference)
+            and get("preference", "precompute_ref_log_probs", False) is not True,
             finetuning_type=get("method", "finetuning_type", "lora"),
             quantization_bit=get("model", "quantization_bit", None),
             double_quantization=get("model", "double_quantization", True),
@@ -168,7 +178,7 @@ class Settings:
             lora_dropout=get("method", "lora_dropout", 0.0),
             use_dora=get("method", "use_dora", False),
             freeze_trainable_layers=get("method", "freeze_trainable_layers", 2),
-            batch_size=get("train", "per_device_train_batch_size", 1),
+            batch_size=rows,
             seq_len=get("data", "cutoff_len", 2048),
             packing=bool(get("data", "packing", False) or get("data", "neat_packing", False)),
             optim=get("train", "optim", "adamw_torch"),
@@ -180,7 +190,7 @@ class Settings:
             fsdp=get("train", "fsdp", None),
             fsdp_offload=get("train", "fsdp_offload", False),
             world_size=get("train", "nproc_per_node", None) or 1,
-            stage=get("method", "stage", "sft"),
+            stage=stage,
         )
 
 
@@ -236,8 +246,11 @@ def estimate(
     loading = loading_peak_bytes(shape, settings, weight_bytes, cpu)
 
     runtime = CPU_RUNTIME_BYTES if cpu else CUDA_CONTEXT_BYTES
+    reference = shape.total_params * weight_bytes if settings.reference_copy else 0
+    if reference:
+        notes.append("a frozen second copy of the model is the reference (precompute_ref_log_probs: true avoids it)")
     step = training.gradients + optimizer_step_temporaries(settings.optim, cpu, training.gradients, training.largest)
-    peak = weights + training.adapters + training.optimizer + max(activations + logits, step)
+    peak = weights + reference + training.adapters + training.optimizer + max(activations + logits, step)
     if loading > peak:
         notes.append("loading the checkpoint is the peak")
     return MemoryEstimate(
@@ -251,6 +264,7 @@ def estimate(
         logits=logits,
         loading_peak=loading,
         total_bytes=runtime + max(peak, loading),
+        reference=reference,
         host_bytes=host,
         gradient_checkpointing=gradient_checkpointing,
         notes=tuple(notes),
@@ -583,6 +597,24 @@ def auto_checkpointing(config: Any, model_dir: str, device: str) -> tuple[bool, 
     return enabled, (
         f"{'on' if enabled else 'off'} (auto): the run needs about {needed / GiB:.1f} GiB without it, "
         f"{free / GiB:.1f} GiB is free on {device}"
+    )
+
+
+def auto_precompute(config: Any, model_dir: str, device: str) -> tuple[bool, str]:
+    """`precompute_ref_log_probs: auto`: on when the run with a second copy of the model as the reference would not
+    fit; the choice and the line that explains it. A model the estimate does not know: on (it cannot run out of
+    memory because of the reference)."""
+    model_config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    free = available_memory(device)
+    checkpointing = config.train.gradient_checkpointing not in (False, "auto")
+    try:
+        run = estimate_peak_memory(config, model_config, device=device, gradient_checkpointing=checkpointing)
+    except EstimateUnsupported as error:
+        return True, f"on (auto), without a memory estimate: {error}"
+    enabled = run.total_bytes > AUTO_MARGIN * free
+    return enabled, (
+        f"{'on' if enabled else 'off'} (auto): with a second copy as the reference ({run.reference / GiB:.1f} GiB) the "
+        f"run needs about {run.total_bytes / GiB:.1f} GiB, {free / GiB:.1f} GiB is free on {device}"
     )
 
 

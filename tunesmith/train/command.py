@@ -14,7 +14,6 @@ from tunesmith.config import config_to_flat_dict, load_config
 from tunesmith.config.predict import predict_config_after_training
 from tunesmith.config.sections import SECTIONS
 from tunesmith.distributed import launch, process_group
-from tunesmith.errors import NotSupportedYet
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,8 +31,6 @@ def run(args: argparse.Namespace) -> int:
     if config_path is not None and "=" in config_path:  # no file, only overrides
         config_path, overrides = None, [config_path, *overrides]
     config = load_config(config_path, overrides)
-    if config.method.stage not in ("sft", "pt", "rm"):
-        raise NotSupportedYet(f"`stage: {config.method.stage}` is not supported yet; sft, pt and rm are built so far")
     for library in libraries_in_use(config):
         console.show_library_warnings(library)
     if getattr(args, "as_program", False) and not args.print_config:
@@ -50,14 +47,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     predict_config = predict_config_after_training(config) if config.output.do_predict else None
 
-    from tunesmith.train.pt import run_pt
-    from tunesmith.train.rm import run_rm
-    from tunesmith.train.sft import run_sft
-
     if config.method.stage == "sft":
-        result = run_sft(config, reply_scorer(config))
+        from tunesmith.train.sft import run_sft
+
+        result = run_sft(config, reply_scorer(config))  # the scorer comes from evaluate/, a layer run_sft cannot see
     else:
-        result = {"pt": run_pt, "rm": run_rm}[config.method.stage](config)
+        result = recipe_for(config.method.stage)(config)
     if predict_config is not None and not result.interrupted:
         from tunesmith.evaluate.predict import run_predict
 
@@ -79,6 +74,23 @@ def reply_scorer(config):
 
     require_metric_libraries()
     return EvalSplitScorer(config.generation, config.train.per_device_eval_batch_size, config.train.seed)
+
+
+def recipe_for(stage: str):
+    """The recipe function of a stage other than sft (config in, TrainResult out). orpo and simpo are dpo with that
+    pref_loss; ppo is refused by the config (TRL 1.x has none)."""
+    from tunesmith.train import grpo, kto, preference, pt, rm  # TRL itself loads only when a trainer is built
+
+    recipes = {
+        "pt": pt.run_pt,
+        "rm": rm.run_rm,
+        "dpo": preference.run_dpo,
+        "orpo": preference.run_dpo,
+        "simpo": preference.run_dpo,
+        "kto": kto.run_kto,
+        "grpo": grpo.run_grpo,
+    }
+    return recipes[stage]
 
 
 def libraries_in_use(config) -> list[str]:

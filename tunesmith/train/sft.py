@@ -487,14 +487,7 @@ def build_trainer(
         eval_dataset=data.eval,
         data_collator=data_collator,
         processing_class=tokenizer,
-        callbacks=[
-            callbacks.TokensPerSecond(),
-            callbacks.ProgressBar(),
-            callbacks.MetricsFile(Path(config.output.output_dir)),
-            callbacks.NonFiniteLossGuard(),
-            callbacks.SaveOnInterrupt(),
-            callbacks.FingerprintCheckpoints(fingerprint),
-        ],
+        callbacks=run_callbacks(config, fingerprint),
         # Liger's fused linear cross-entropy already avoids the full logits, inside the model's own forward
         chunked_loss=config.method.chunked_loss and not config.model.enable_liger_kernel,
         loraplus_lr_ratio=config.method.loraplus_lr_ratio,
@@ -509,6 +502,18 @@ def build_trainer(
     if fsdp_arguments:
         trainer.add_callback(fsdp.ShardingCheck())  # fails the run unless the model really is sharded
     return trainer
+
+
+def run_callbacks(config: RunConfig, fingerprint: dict) -> list:
+    """What every stage's run shows and keeps: progress, tokens/s, metrics.jsonl, NaN guard, Ctrl-C, fingerprints."""
+    return [
+        callbacks.TokensPerSecond(),
+        callbacks.ProgressBar(),
+        callbacks.MetricsFile(Path(config.output.output_dir)),
+        callbacks.NonFiniteLossGuard(),
+        callbacks.SaveOnInterrupt(),
+        callbacks.FingerprintCheckpoints(fingerprint),
+    ]
 
 
 def training_arguments(
@@ -528,11 +533,19 @@ def training_arguments(
     TrainingArguments' explicitly here, plus `stage_arguments`."""
     from transformers import TrainingArguments
 
+    values = training_argument_values(config, model, data, precision, checkpointing, output_dir_shared, fsdp_arguments)
+    return (arguments_class or TrainingArguments)(**values, **stage_arguments)
+
+
+def training_argument_values(
+    config: RunConfig, model, data, precision, checkpointing: bool | str, output_dir_shared: bool, fsdp_arguments: dict
+) -> dict:
+    """The values of `training_arguments`, which TRL's configs (subclasses of TrainingArguments) take as well."""
     train = config.train
     evaluate = data.eval is not None
     packing = config.data.packs
     eval_strategy = train.eval_strategy or ("steps" if evaluate else "no")
-    return (arguments_class or TrainingArguments)(
+    return dict(
         output_dir=config.output.output_dir,
         per_device_train_batch_size=train.per_device_train_batch_size,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
@@ -578,7 +591,6 @@ def training_arguments(
         neftune_noise_alpha=config.method.neftune_noise_alpha,
         use_liger_kernel=config.model.enable_liger_kernel,
         disable_tqdm=True,  # our ProgressBar replaces the default bar and the printed log dicts
-        **stage_arguments,
     )
 
 

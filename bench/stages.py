@@ -1,0 +1,172 @@
+"""DPO on SmolLM2-135M-Instruct, LoRA, CPU: tunesmith against the same run written directly against TRL's
+DPOTrainer as its documentation shows; then full DPO with and without precompute_ref_log_probs.
+
+    python -m bench.stages [--steps 8] [--cutoff-len 512]
+
+Each run is its own process (peak resident memory is the process's own; tunesmith runs as `tunesmith train`, which
+on a CPU re-executes itself with tcmalloc where installed); steps/s is Trainer's train_runtime over the steps
+(precompute_ref_log_probs's pass over the data comes before training and is not in it). Both LoRA runs use the same
+pairs (LLaMA-Factory's dpo_en_demo), batch, steps, learning rate, LoRA shape, precision and max length; TRL renders
+and tokenizes the pairs itself, tunesmith reads its data step's ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.runs import REPO, converted_model_dir, describe_loads, run_logged
+
+DATA = REPO / "tests" / "fixtures" / "demo_data"
+ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def tunesmith_child(output: str, steps: int, cutoff_len: int, *overrides: str) -> dict:
+    """`tunesmith train` as a user runs it (its own process: on a CPU it re-executes with tcmalloc where installed)."""
+    args = [
+        "train",
+        str(REPO / "examples" / "dpo_lora.yaml"),
+        f"dataset_dir={DATA}",
+        f"output_dir={output}",
+        f"max_steps={steps}",
+        f"cutoff_len={cutoff_len}",
+        "gradient_accumulation_steps=1",
+        "logging_steps=1",
+        "save_steps=100000",
+        "learning_rate=5e-5",
+        "lr_scheduler_type=constant",
+        "warmup_ratio=0",
+        *overrides,
+    ]
+    subprocess.run([sys.executable, "-m", "tunesmith", *args], cwd=REPO, check=True)
+    logged = [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+    summary = next(record for record in reversed(logged) if "train_loss" in record)  # the run's last entry
+    return {
+        "runtime": summary["train_runtime"],
+        "loss": [r["loss"] for r in logged if "loss" in r][-1],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
+def trl_child(output: str, steps: int, cutoff_len: int) -> dict:
+    """TRL's documented DPO + LoRA script, with the settings of examples/dpo_lora.yaml as the bench runs it."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from tunesmith.model.precision import choose_precision
+
+    model_dir = str(converted_model_dir())
+    rows = []
+    for row in json.loads((DATA / "dpo_en_demo.json").read_text(encoding="utf-8")):
+        prompt = [{"role": ROLES[m["from"]], "content": m["value"]} for m in row["conversations"]]
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": row["chosen"]["value"]}],
+                "rejected": [{"role": "assistant", "content": row["rejected"]["value"]}],
+            }
+        )
+    precision = choose_precision(None, False, False, "lora")  # the precision tunesmith chooses on this machine
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=precision.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    args = DPOConfig(
+        output_dir=output,
+        per_device_train_batch_size=2,
+        max_steps=steps,
+        learning_rate=5e-5,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_steps=100000,
+        max_length=cutoff_len,
+        bf16=precision.bf16,
+        gradient_checkpointing=False,  # tunesmith's auto choice on this machine (the estimate says it fits)
+        report_to=[],
+        use_cpu=True,
+    )
+    peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    result = trainer.train()
+    return {
+        "runtime": result.metrics["train_runtime"],
+        "loss": trainer.state.log_history[-2]["loss"],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def child(kind: str, output: str, steps: int, cutoff_len: int, result_path: str) -> None:
+    start = time.perf_counter()
+    if kind == "trl":
+        result = trl_child(output, steps, cutoff_len)
+    elif kind == "ours":
+        result = tunesmith_child(output, steps, cutoff_len)
+    elif kind == "full":
+        result = tunesmith_child(output, steps, cutoff_len, "finetuning_type=full")
+    else:
+        result = tunesmith_child(output, steps, cutoff_len, "finetuning_type=full", "precompute_ref_log_probs=true")
+    result |= {"steps_per_second": steps / result["runtime"], "process_seconds": time.perf_counter() - start}
+    Path(result_path).write_text(json.dumps(result))
+
+
+RUNS = {
+    "trl": "TRL DPOTrainer + peft, as documented",
+    "ours": "tunesmith dpo, LoRA",
+    "full": "tunesmith dpo, full, second copy as reference",
+    "full-precompute": "tunesmith dpo, full, precompute_ref_log_probs",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--cutoff-len", type=int, default=512)
+    parser.add_argument("--work-dir", default="/tmp/tunesmith-bench-stages")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.output, args.steps, args.cutoff_len, args.result)
+        return
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for kind in RUNS:
+        result_path = work / f"{kind}.json"
+        command = [sys.executable, "-m", "bench.stages", "--child", kind, "--output", str(work / kind)]
+        command += ["--result", str(result_path), "--steps", str(args.steps), "--cutoff-len", str(args.cutoff_len)]
+        run_logged(kind, command)
+        results[kind] = json.loads(result_path.read_text())
+    print(f"\nDPO on SmolLM2-135M-Instruct, {args.steps} steps of 2 pairs, cutoff_len {args.cutoff_len}, CPU")
+    print(f"{'run':<50}{'steps/s':>9}{'peak RSS MiB':>14}{'last loss':>11}")
+    for kind, label in RUNS.items():
+        r = results[kind]
+        print(f"{label:<50}{r['steps_per_second']:>9.3f}{r['peak_rss_mib']:>14.0f}{r['loss']:>11.4f}")
+    ours, trl = results["ours"], results["trl"]
+    print(
+        f"tunesmith / TRL: speed x{ours['steps_per_second'] / trl['steps_per_second']:.2f}, "
+        f"peak memory x{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}"
+    )
+    full, pre = results["full"], results["full-precompute"]
+    print(
+        f"full DPO, precompute / second copy: speed x{pre['steps_per_second'] / full['steps_per_second']:.2f}, "
+        f"peak memory x{pre['peak_rss_mib'] / full['peak_rss_mib']:.2f}"
+    )
+    print(describe_loads())
+    subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+if __name__ == "__main__":
+    main()
