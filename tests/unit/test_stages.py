@@ -251,8 +251,6 @@ def test_reward_model_loads_as_a_full_model_or_a_lora_adapter(tmp_path, tiny_mod
         (["stage=grpo"], "needs a reward"),
         (["stage=grpo", "reward_funcs=rewards:fn"], "path/to/file.py:function_name"),
         (["stage=grpo", "reward_funcs=r.py:fn", "num_generations=3"], "a multiple of it"),
-        (["stage=pt"], "`stage: pt` is not supported yet"),
-        (["stage=rm"], "`stage: rm` is not supported yet"),
     ],
 )
 def test_stage_settings_that_cannot_work_are_refused_before_loading(overrides, message, tmp_path, capsys):
