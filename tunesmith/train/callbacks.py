@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from tunesmith.errors import TunesmithError
-from tunesmith.train.checkpoints import write_fingerprint
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "training_loss.png"
@@ -139,17 +138,6 @@ class SaveOnInterrupt(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.previous_handler is not None:
             signal.signal(signal.SIGINT, self.previous_handler)
-
-
-class FingerprintCheckpoints(TrainerCallback):
-    """Writes the run's fingerprint into each checkpoint, so that resuming can check it belongs to this run."""
-
-    def __init__(self, fingerprint: dict[str, Any]) -> None:
-        self.fingerprint = fingerprint
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:  # the processes that wrote the checkpoint: rank 0, or each node's local rank 0
-            write_fingerprint(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.fingerprint)
 
 
 def plot_loss(output_dir: Path) -> Path | None:

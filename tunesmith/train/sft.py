@@ -416,8 +416,8 @@ def build_trainer(
             callbacks.MetricsFile(Path(config.output.output_dir)),
             callbacks.NonFiniteLossGuard(),
             callbacks.SaveOnInterrupt(),
-            callbacks.FingerprintCheckpoints(fingerprint),
         ],
+        checkpoint_fingerprint=fingerprint,  # in each checkpoint, so that resuming can check it belongs to this run
         # Liger's fused linear cross-entropy already avoids the full logits, inside the model's own forward
         chunked_loss=config.method.chunked_loss and not config.model.enable_liger_kernel,
         loraplus_lr_ratio=config.method.loraplus_lr_ratio,
