@@ -92,6 +92,7 @@ def write_checkpoint(
     """
     from safetensors import SafetensorError
 
+    check_room_for_checkpoint(output_dir, step)
     staging = staging_dir(output_dir, step)
     try:
         written = write(staging)
@@ -103,8 +104,7 @@ def write_checkpoint(
         free = shutil.disk_usage(output_dir).free
         raise DiskFullError(
             f"the disk holding {output_dir} is full ({free / 2**20:.0f} MiB free) while writing checkpoint-{step}; "
-            f"the earlier checkpoints are intact. Free some space (or lower save_total_limit, or set "
-            f"save_only_model: true for smaller checkpoints) and continue with resume_from_checkpoint=true"
+            f"the earlier checkpoints are intact. {FREE_SOME_SPACE}"
         ) from error
     if not publish:
         return
@@ -115,6 +115,31 @@ def write_checkpoint(
     if written != staging:
         with suppress(FileNotFoundError):
             staging.rmdir()
+
+
+FREE_SOME_SPACE = (
+    "Free some space (or lower save_total_limit, or set save_only_model: true for smaller checkpoints) and continue "
+    "with resume_from_checkpoint=true"
+)
+
+
+def check_room_for_checkpoint(output_dir: Path, step: int) -> None:
+    """Refuse before writing when the disk cannot hold another checkpoint the size of the newest one.
+
+    Failed writes are recognised too (`disk_is_full`), but not every writer says why it failed: the tokenizer's
+    (Rust) save raises a bare Exception. Checking first keeps the usual case, a disk filling up over a run, one line.
+    """
+    checkpoints = list_checkpoints(output_dir)
+    if not checkpoints:
+        return
+    needed = sum(path.stat().st_size for path in checkpoints[-1].rglob("*") if path.is_file())
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise DiskFullError(
+            f"the disk holding {output_dir} has {free / 2**20:.1f} MiB free, too little for checkpoint-{step} "
+            f"({checkpoints[-1].name} took {needed / 2**20:.1f} MiB); the earlier checkpoints are intact. "
+            f"{FREE_SOME_SPACE}"
+        )
 
 
 def disk_is_full(path: Path, error: BaseException) -> bool:

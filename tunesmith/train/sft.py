@@ -7,6 +7,8 @@ checks and outputs around it.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -59,6 +61,7 @@ from tunesmith.train.checkpoints import (
 from tunesmith.train.threads import match_threads_to_cores
 from tunesmith.train.trainer import TunesmithTrainer
 
+TENSORBOARD_LOGGING_DIR = "TENSORBOARD_LOGGING_DIR"  # read by transformers' TensorBoardCallback
 PISSA_INIT_DIR = "pissa_init"  # the adapter as initialised, which the final PiSSA adapter is converted against
 
 
@@ -95,6 +98,9 @@ def run_sft(config: RunConfig) -> TrainResult:
     if media.takes_images:
         trainer.data_collator = multimodal.MediaBatches(trainer.data_collator, media)  # pixel values join the batch
     print_batch_plan(config, trainer, data.train_rows)
+    if {"tensorboard", "all"} & set(config.train.report_to) and trainer.is_world_process_zero():
+        events = config.train.logging_dir or run_dir.path / "runs"
+        print(f"TensorBoard: tensorboard --logdir {events}")
     write_run_files(run_dir, config, trainer, model)
 
     interrupt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.SaveOnInterrupt))
@@ -396,12 +402,39 @@ def build_trainer(
     from transformers import PrinterCallback
 
     train = config.train
-    packing = config.data.packs
     fsdp_arguments = fsdp.training_arguments(train.fsdp, train.fsdp_offload, train.fsdp_config, model)  # {}: none
     if fsdp_arguments:
         apply_fsdp_on_cpu_processes()  # accelerate 1.15 would drop FSDP on CPU processes and run DDP
     args = training_arguments(config, model, data, precision, checkpointing, output_dir_shared, fsdp_arguments)
-    trainer = TunesmithTrainer(
+    with tensorboard_folder(train.logging_dir):
+        trainer = new_trainer(config, model, tokenizer, data, args, fingerprint, checkpointing)
+    trainer.remove_callback(PrinterCallback)
+    if fsdp_arguments:
+        trainer.add_callback(fsdp.ShardingCheck())  # fails the run unless the model really is sharded
+    return trainer
+
+
+@contextmanager
+def tensorboard_folder(logging_dir: str | None):
+    """`logging_dir`: Trainer's TensorBoard callback, created with the Trainer, takes its folder from this variable
+    (transformers 5 dropped the `logging_dir` argument)."""
+    if logging_dir is None:
+        yield
+        return
+    before = os.environ.get(TENSORBOARD_LOGGING_DIR)
+    os.environ[TENSORBOARD_LOGGING_DIR] = logging_dir
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[TENSORBOARD_LOGGING_DIR]
+        else:
+            os.environ[TENSORBOARD_LOGGING_DIR] = before
+
+
+def new_trainer(config: RunConfig, model, tokenizer, data, args, fingerprint, checkpointing: bool | str):
+    train, packing = config.train, config.data.packs
+    return TunesmithTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
@@ -428,10 +461,6 @@ def build_trainer(
             train.group_by_length, packing, data.train, train.per_device_train_batch_size * args.world_size, train.seed
         ),
     )
-    trainer.remove_callback(PrinterCallback)
-    if fsdp_arguments:
-        trainer.add_callback(fsdp.ShardingCheck())  # fails the run unless the model really is sharded
-    return trainer
 
 
 def training_arguments(
@@ -474,6 +503,7 @@ def training_arguments(
         # nodes without a shared file system each keep whole checkpoints (DeepSpeed's: use_node_local_storage)
         save_on_each_node=not output_dir_shared,
         report_to=[] if train.report_to == ["none"] else train.report_to,
+        run_name=train.run_name,
         dataloader_num_workers=train.dataloader_num_workers,
         ddp_timeout=train.ddp_timeout,
         # several CPU processes (a group joined before the recipe runs) talk over gloo
