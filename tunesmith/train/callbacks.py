@@ -59,7 +59,8 @@ class ProgressBar(TrainerCallback):
 
 class TokensPerSecond(TrainerCallback):
     """Adds `tokens_per_second` to each training log entry: non-padding tokens through the model (with packing,
-    every position of the packed rows, which are at most a few percent padding)."""
+    every position of the packed rows, which are at most a few percent padding); on a GPU also `peak_memory_gib`,
+    the most memory this process's tensors have held so far."""
 
     def __init__(self) -> None:
         self.last_tokens = 0
@@ -74,6 +75,8 @@ class TokensPerSecond(TrainerCallback):
         now = time.perf_counter()
         tokens = state.num_input_tokens_seen - self.last_tokens
         logs["tokens_per_second"] = tokens / max(now - self.last_time, 1e-9)
+        if torch.cuda.is_available():
+            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.last_tokens, self.last_time = state.num_input_tokens_seen, now
 
 
