@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -58,30 +57,6 @@ def test_a_checkpoint_is_written_under_a_temporary_name_and_renamed_when_whole(
         assert {"trainer_state.json", "rng_state.pth", RUN_FILE} <= {p.name for p in (output / checkpoint).iterdir()}
 
 
-def test_resume_skips_an_incomplete_checkpoint_and_says_so(tmp_path, tiny_model_dir, identity_data, capsys):
-    settings = ("max_steps=4", "save_steps=2", "lora_dropout=0.1")
-    straight = train(tmp_path, tiny_model_dir, identity_data, *settings, output="straight")
-    output = tmp_path / "out"
-    output.mkdir()
-    shutil.copytree(straight / "checkpoint-2", output / "checkpoint-2")
-    shutil.copy(straight / RUN_FILE, output)
-    # what a run killed while writing checkpoint-4 leaves: the temporary folder with some of the files
-    partial = output / "tmp-checkpoint-4" / "checkpoint-4"
-    partial.mkdir(parents=True)
-    (partial / "adapter_model.safetensors").write_bytes(b"cut short")
-    capsys.readouterr()
-
-    assert main([*train_args(tmp_path, tiny_model_dir, identity_data, *settings, "resume_from_checkpoint=true")]) == 0
-    out = capsys.readouterr().out
-    assert (
-        "skipping tmp-checkpoint-4: left incomplete by a run that stopped while writing it; resuming from "
-        "checkpoint-2" in out
-    )
-    assert not (output / "tmp-checkpoint-4").exists()
-    resumed, expected = (load_file(d / "adapter_model.safetensors") for d in (output, straight))
-    assert max_difference(expected, resumed) <= 1e-6
-
-
 def test_nothing_complete_to_resume_from_is_refused_by_name(tmp_path, tiny_model_dir, identity_data, capsys):
     (tmp_path / "out" / "tmp-checkpoint-1" / "checkpoint-1").mkdir(parents=True)
     assert main(train_args(tmp_path, tiny_model_dir, identity_data, "resume_from_checkpoint=true")) == 2
@@ -96,14 +71,14 @@ def test_a_full_disk_is_one_clear_error_and_the_earlier_checkpoint_survives(
     """The write fails with ENOSPC in the middle of the second checkpoint (after its weights are written)."""
     from transformers import Trainer
 
-    save_scheduler_state = Trainer._save_optimizer_and_scheduler
+    save_optimizer = Trainer._save_optimizer_and_scheduler
     calls = []
 
     def fill_the_disk(self, output_dir):
         calls.append(output_dir)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device", os.path.join(output_dir, "optimizer.pt"))
-        return save_scheduler_state(self, output_dir)
+        return save_optimizer(self, output_dir)
 
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", fill_the_disk)
     args = train_args(tmp_path, tiny_model_dir, identity_data, "max_steps=4", "save_steps=1", "save_total_limit=1")
@@ -114,10 +89,6 @@ def test_a_full_disk_is_one_clear_error_and_the_earlier_checkpoint_survives(
     output = tmp_path / "out"
     assert sorted(p.name for p in output.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
     assert (output / "checkpoint-1" / "trainer_state.json").is_file()
-
-    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", save_scheduler_state)  # space freed: go on
-    assert main([*args, "resume_from_checkpoint=true"]) == 0
-    assert (output / "adapter_model.safetensors").is_file()
 
 
 def can_mount_tmpfs(target: Path) -> bool:

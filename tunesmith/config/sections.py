@@ -435,7 +435,7 @@ class TrainSection(Section):
         default_factory=lambda: ["none"],
         description="Experiment trackers, comma-separated: none, all (every installed one), tensorboard, wandb, "
         "mlflow, swanlab, comet_ml, trackio. Each reads its own settings from the environment (WANDB_MODE=offline, "
-        "WANDB_DIR, MLFLOW_TRACKING_URI=<a local folder>, ...); metrics.jsonl and training_loss.png are written "
+        "WANDB_DIR, MLFLOW_TRACKING_URI=sqlite:///mlflow.db, ...); metrics.jsonl and training_loss.png are written "
         "either way.",
     )
     logging_dir: str | None = Field(
