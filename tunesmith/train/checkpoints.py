@@ -208,14 +208,16 @@ def remove_earlier_run(output_dir: Path, checkpoints: list[Path]) -> None:
     )
 
 
-def latest_complete_checkpoint(output_dir: Path, checkpoints: list[Path], incomplete: list[Path]) -> Path:
+def latest_complete_checkpoint(
+    output_dir: Path, checkpoints: list[Path], incomplete: list[Path], say: bool = True
+) -> Path:
     """`resume_from_checkpoint: true`: the newest whole checkpoint. What a stopped run left half-written is skipped
-    and said: `tmp-checkpoint-N`, or a `checkpoint-N` without trainer_state.json (Trainer writes it last; such a
-    folder comes from a version or tool that writes in place)."""
+    and (`say`: by one process) said: `tmp-checkpoint-N`, or a `checkpoint-N` without trainer_state.json (Trainer
+    writes it last; such a folder comes from a version or tool that writes in place)."""
     cut_short = [path for path in checkpoints if not (path / TRAINER_STATE).is_file()]
     complete = [path for path in checkpoints if path not in cut_short]
     skipped = sorted(incomplete + cut_short, key=lambda path: int(path.name.rsplit("-", 1)[1]))
-    if skipped:
+    if skipped and say:
         resuming = f"resuming from {complete[-1].name}" if complete else "nothing complete to resume from"
         print(
             f"resume_from_checkpoint: skipping {', '.join(path.name for path in skipped)}: left incomplete by a run "
@@ -245,7 +247,7 @@ def prepare_output_dir(
     incomplete = list_checkpoints(output_dir, INCOMPLETE)
     if resume:
         if resume is True:
-            checkpoint = latest_complete_checkpoint(output_dir, checkpoints, incomplete)
+            checkpoint = latest_complete_checkpoint(output_dir, checkpoints, incomplete, say=remove)
         else:
             checkpoint = Path(str(resume))
         if remove:
