@@ -26,5 +26,9 @@ class OutputDirError(TunesmithError):
     """The output directory holds something that this run must not overwrite or resume from."""
 
 
+class DiskFullError(OutputDirError):
+    """A checkpoint or output could not be written because its file system is full."""
+
+
 class NotSupportedYet(ConfigError):
     """A valid key whose feature tunesmith does not implement yet."""

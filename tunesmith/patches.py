@@ -2,6 +2,18 @@
 it necessary, when it can go, and the test that proves it.
 
 A patch is applied by the code path that needs it (never on import) and acts only in the situation it names.
+
+Private Trainer methods that `tunesmith.train.trainer.TunesmithTrainer` overrides (no monkey-patching: a subclass,
+but it leans on internals all the same, so they are listed here):
+
+- `Trainer._save_checkpoint` and `Trainer._get_output_dir` (transformers 5.24): Trainer writes `checkpoint-N` in
+  place, so a process killed mid-write (SIGKILL, OOM killer, preemption) leaves a folder that looks like a checkpoint
+  and breaks the resume. The override points `_get_output_dir` at `tmp-checkpoint-N/` while the original
+  `_save_checkpoint` runs, then renames the folder it wrote (train/checkpoints.py `write_checkpoint`). No public
+  hook names the folder a checkpoint is written to. Until: Trainer writes checkpoints atomically itself, or gives a
+  public way to choose the folder; check on every transformers upgrade that `_save_checkpoint` still builds its
+  folder as `os.path.join(self._get_output_dir(trial), f"checkpoint-{global_step}")`. Test:
+  tests/unit/test_crash_safety.py (the staged write, the SIGKILL resume, the full disk).
 """
 
 from __future__ import annotations

@@ -6,12 +6,19 @@ Python imports `sitecustomize` at start-up from the path; a test that puts this 
 
 - TUNESMITH_TEST_FAIL_RANK=N: global rank N raises in its first forward pass, while the others wait in a collective;
 - TUNESMITH_TEST_SLOW_RANK=N:SECONDS: global rank N starts its run that much later, as a rank on a busy machine does.
+
+And, in any process, TUNESMITH_TEST_KILL_AT_CHECKPOINT=K: the process SIGKILLs itself when its K-th checkpoint is
+fully written under its temporary name but not yet renamed (the moment `os.replace` would publish it); with
+TUNESMITH_TEST_KILL_AFTER=SECONDS too, it publishes that checkpoint and SIGKILLs itself SECONDS later, wherever the
+run then is (a step, a checkpoint half written), timed by the process itself however busy the machine is.
 """
 
 import os
 
 FAIL_RANK = "TUNESMITH_TEST_FAIL_RANK"
 SLOW_RANK = "TUNESMITH_TEST_SLOW_RANK"
+KILL_AT_CHECKPOINT = "TUNESMITH_TEST_KILL_AT_CHECKPOINT"
+KILL_AFTER = "TUNESMITH_TEST_KILL_AFTER"
 
 
 class InjectedFailure(RuntimeError):
@@ -48,3 +55,32 @@ def _wrap_join() -> None:
 
 if os.environ.get(FAIL_RANK) or os.environ.get(SLOW_RANK):
     _wrap_join()
+
+
+def _kill_at_checkpoint(count: int, after: float | None) -> None:
+    import re
+    import signal
+    import threading
+
+    replace = os.replace
+    published = []
+
+    def kill() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def replace_or_die(source, destination, *args, **kwargs):
+        if re.fullmatch(r"checkpoint-\d+", os.path.basename(os.fspath(destination))):
+            published.append(destination)
+            if len(published) == count:
+                if after is None:
+                    kill()
+                threading.Timer(after, kill).start()
+        return replace(source, destination, *args, **kwargs)
+
+    os.replace = replace_or_die
+
+
+if os.environ.get(KILL_AT_CHECKPOINT):
+    _kill_at_checkpoint(
+        int(os.environ[KILL_AT_CHECKPOINT]), float(os.environ[KILL_AFTER]) if os.environ.get(KILL_AFTER) else None
+    )

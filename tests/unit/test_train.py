@@ -289,7 +289,7 @@ def test_streaming_without_max_steps_is_refused_before_loading(capsys, tmp_path)
 def test_resume_true_with_no_checkpoint_says_so(tmp_path, tiny_model_dir, identity_data, capsys):
     (tmp_path / "out").mkdir()
     assert main(train_args(tmp_path, tiny_model_dir, identity_data, "resume_from_checkpoint=true")) == 2
-    assert "holds no checkpoint-* folder to resume from" in capsys.readouterr().err
+    assert "holds no complete checkpoint-* folder to resume from" in capsys.readouterr().err
 
 
 def test_overwrite_removes_what_the_earlier_run_wrote_and_nothing_else(tmp_path, tiny_model_dir, identity_data):

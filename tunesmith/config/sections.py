@@ -588,7 +588,21 @@ class TrainSection(Section):
     resume_from_checkpoint: str | bool | None = Field(
         None, description="A checkpoint directory, or true for the latest one in output_dir."
     )
-    report_to: list[str] = Field(default_factory=lambda: ["none"], description="none, tensorboard, wandb, ...")
+    report_to: list[str] = Field(
+        default_factory=lambda: ["none"],
+        description="Experiment trackers, comma-separated: none, all (every installed one), tensorboard, wandb, "
+        "mlflow, swanlab, comet_ml, trackio. Each reads its own settings from the environment (WANDB_MODE=offline, "
+        "WANDB_DIR, MLFLOW_TRACKING_URI=sqlite:///mlflow.db, ...); metrics.jsonl and training_loss.png are written "
+        "either way.",
+    )
+    logging_dir: str | None = Field(
+        None,
+        description="With report_to: tensorboard, the folder for TensorBoard's event files (default: "
+        "output_dir/runs/<date>_<host>; point `tensorboard --logdir` at it).",
+    )
+    run_name: str | None = Field(
+        None, description="The run's name in wandb, mlflow and the other trackers (default: output_dir)."
+    )
     dataloader_num_workers: int = Field(
         0,
         ge=0,
@@ -655,6 +669,8 @@ class TrainSection(Section):
     @field_validator("report_to")
     @classmethod
     def _loggers_installed(cls, value: list[str]) -> list[str]:
+        if len(value) > 1 and {"none", "all"} & set(value):
+            raise ValueError("none and all stand alone; list the loggers wanted, or just none or all")
         for logger in value:
             if logger in ("none", "all"):
                 continue
@@ -663,6 +679,15 @@ class TrainSection(Section):
             if importlib.util.find_spec(LOGGER_PACKAGES[logger]) is None:
                 raise ValueError(f"{logger} is not installed; pip install {LOGGER_PACKAGES[logger]}, or use none")
         return value
+
+    @model_validator(mode="after")
+    def _logging_dir_has_a_reader(self) -> TrainSection:
+        if self.logging_dir is not None and not {"tensorboard", "all"} & set(self.report_to):
+            raise ValueError(
+                f"`logging_dir: {self.logging_dir}` is where TensorBoard's event files go, but report_to is "
+                f"{','.join(self.report_to)}; add tensorboard to report_to, or remove logging_dir"
+            )
+        return self
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

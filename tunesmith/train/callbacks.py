@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from tunesmith.errors import TunesmithError
-from tunesmith.train.checkpoints import write_fingerprint
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "training_loss.png"
@@ -60,7 +59,8 @@ class ProgressBar(TrainerCallback):
 
 class TokensPerSecond(TrainerCallback):
     """Adds `tokens_per_second` to each training log entry: non-padding tokens through the model (with packing,
-    every position of the packed rows, which are at most a few percent padding)."""
+    every position of the packed rows, which are at most a few percent padding); on a GPU also `peak_memory_gib`,
+    the most memory this process's tensors have held so far."""
 
     def __init__(self) -> None:
         self.last_tokens = 0
@@ -75,6 +75,8 @@ class TokensPerSecond(TrainerCallback):
         now = time.perf_counter()
         tokens = state.num_input_tokens_seen - self.last_tokens
         logs["tokens_per_second"] = tokens / max(now - self.last_time, 1e-9)
+        if torch.cuda.is_available():
+            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.last_tokens, self.last_time = state.num_input_tokens_seen, now
 
 
@@ -139,17 +141,6 @@ class SaveOnInterrupt(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.previous_handler is not None:
             signal.signal(signal.SIGINT, self.previous_handler)
-
-
-class FingerprintCheckpoints(TrainerCallback):
-    """Writes the run's fingerprint into each checkpoint, so that resuming can check it belongs to this run."""
-
-    def __init__(self, fingerprint: dict[str, Any]) -> None:
-        self.fingerprint = fingerprint
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:  # the processes that wrote the checkpoint: rank 0, or each node's local rank 0
-            write_fingerprint(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.fingerprint)
 
 
 def plot_loss(output_dir: Path) -> Path | None:

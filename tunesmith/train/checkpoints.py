@@ -4,6 +4,11 @@ Every run writes `tunesmith_run.json` (what decides the shape of the trained wei
 each checkpoint. A run that finds checkpoints of a different model, method or shape refuses with a message saying
 what differs, instead of failing later with a tensor-size error.
 
+Checkpoints appear whole or not at all: each is written into `tmp-checkpoint-N/` and renamed to `checkpoint-N` once
+every file (and the fingerprint) is in (`write_checkpoint`). A run killed while writing one leaves only the
+temporary folder, which `resume_from_checkpoint: true` skips, says so, and removes. A full disk ends the run with a
+`DiskFullError`; the temporary folder is removed and the earlier checkpoints are untouched.
+
 The output directory's copy also lists the files and folders the run wrote there (`files_written`), so that
 `overwrite_output_dir` removes exactly those, the checkpoints and the record itself: a stale final adapter never
 survives into the next run, and a person's own files in the directory stay.
@@ -11,19 +16,27 @@ survives into the next run, and a person's own files in the directory stay.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from tunesmith.config.sections import RunConfig
-from tunesmith.errors import OutputDirError
+from tunesmith.errors import DiskFullError, OutputDirError
 
 RUN_FILE = "tunesmith_run.json"
 WRITTEN = "files_written"  # in the output directory's RUN_FILE: the names this tool wrote there
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+INCOMPLETE = re.compile(r"^tmp-checkpoint-(\d+)$")  # a checkpoint being written, or left by a killed run
+TRAINER_STATE = "trainer_state.json"  # Trainer writes it last: a checkpoint-N without it was cut short
+# A write that failed for lack of space leaves the file system with less than this free (the write filled it):
+# torch.save and safetensors report ENOSPC as RuntimeError / SafetensorError, without an errno.
+FULL_DISK_FREE_BYTES = 16 * 2**20
 
 
 def run_fingerprint(config: RunConfig) -> dict[str, Any]:
@@ -54,11 +67,87 @@ def run_fingerprint(config: RunConfig) -> dict[str, Any]:
     return fingerprint
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
+def list_checkpoints(output_dir: Path, pattern: re.Pattern = CHECKPOINT) -> list[Path]:
+    """The `checkpoint-N` folders (or, with INCOMPLETE, the `tmp-checkpoint-N` ones), by step."""
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := pattern.match(p.name))]
     return [path for _, path in sorted(found)]
+
+
+def staging_dir(output_dir: Path, step: int) -> Path:
+    """Where checkpoint-`step` is written before it is renamed into place."""
+    return output_dir / f"tmp-checkpoint-{step}"
+
+
+def write_checkpoint(
+    output_dir: Path, step: int, write: Callable[[Path], Path], finish: Callable[[Path], None], publish: bool
+) -> None:
+    """Write checkpoint-`step` whole or not at all.
+
+    `write(staging)` writes the checkpoint's files below the temporary folder `staging` (on every process that holds
+    a part of it) and returns the folder it wrote them into; `finish(folder)` runs once all processes have written
+    (a barrier), before the rename. The processes that `publish` (the ones that write output_dir) add nothing else:
+    they rename that folder to checkpoint-`step`. A full disk raises DiskFullError after removing the partial folder.
+    """
+    from safetensors import SafetensorError
+
+    check_room_for_checkpoint(output_dir, step)
+    staging = staging_dir(output_dir, step)
+    try:
+        written = write(staging)
+        finish(written)
+    except (OSError, RuntimeError, SafetensorError) as error:  # a failed write: open/json, torch.save, safetensors
+        if not disk_is_full(output_dir, error):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        free = shutil.disk_usage(output_dir).free
+        raise DiskFullError(
+            f"the disk holding {output_dir} is full ({free / 2**20:.0f} MiB free) while writing checkpoint-{step}; "
+            f"the earlier checkpoints are intact. {FREE_SOME_SPACE}"
+        ) from error
+    if not publish:
+        return
+    final = output_dir / f"checkpoint-{step}"
+    if final.exists():  # the same step written again (resuming from an earlier checkpoint): the new one wins
+        shutil.rmtree(final)
+    os.replace(written, final)
+    if written != staging:
+        with suppress(FileNotFoundError):
+            staging.rmdir()
+
+
+FREE_SOME_SPACE = (
+    "Free some space (or lower save_total_limit, or set save_only_model: true for smaller checkpoints) and continue "
+    "with resume_from_checkpoint=true"
+)
+
+
+def check_room_for_checkpoint(output_dir: Path, step: int) -> None:
+    """Refuse before writing when the disk cannot hold another checkpoint the size of the newest one.
+
+    Failed writes are recognised too (`disk_is_full`), but not every writer says why it failed: the tokenizer's
+    (Rust) save raises a bare Exception. Checking first keeps the usual case, a disk filling up over a run, one line.
+    """
+    checkpoints = list_checkpoints(output_dir)
+    if not checkpoints:
+        return
+    needed = sum(path.stat().st_size for path in checkpoints[-1].rglob("*") if path.is_file())
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise DiskFullError(
+            f"the disk holding {output_dir} has {free / 2**20:.1f} MiB free, too little for checkpoint-{step} "
+            f"({checkpoints[-1].name} took {needed / 2**20:.1f} MiB); the earlier checkpoints are intact. "
+            f"{FREE_SOME_SPACE}"
+        )
+
+
+def disk_is_full(path: Path, error: BaseException) -> bool:
+    """Whether a failed write failed for lack of space: its errno says so, or (torch.save and safetensors carry no
+    errno) the file system has next to nothing left, which a write that filled it leaves behind."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return shutil.disk_usage(path).free < FULL_DISK_FREE_BYTES
 
 
 def read_fingerprint(directory: Path) -> dict[str, Any] | None:
@@ -119,6 +208,28 @@ def remove_earlier_run(output_dir: Path, checkpoints: list[Path]) -> None:
     )
 
 
+def latest_complete_checkpoint(
+    output_dir: Path, checkpoints: list[Path], incomplete: list[Path], say: bool = True
+) -> Path:
+    """`resume_from_checkpoint: true`: the newest whole checkpoint. What a stopped run left half-written is skipped
+    and (`say`: by one process) said: `tmp-checkpoint-N`, or a `checkpoint-N` without trainer_state.json (Trainer
+    writes it last; such a folder comes from a version or tool that writes in place)."""
+    cut_short = [path for path in checkpoints if not (path / TRAINER_STATE).is_file()]
+    complete = [path for path in checkpoints if path not in cut_short]
+    skipped = sorted(incomplete + cut_short, key=lambda path: int(path.name.rsplit("-", 1)[1]))
+    if skipped and say:
+        resuming = f"resuming from {complete[-1].name}" if complete else "nothing complete to resume from"
+        print(
+            f"resume_from_checkpoint: skipping {', '.join(path.name for path in skipped)}: left incomplete by a run "
+            f"that stopped while writing it; {resuming}"
+        )
+    if not complete:
+        raise OutputDirError(
+            f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-* folder to resume from"
+        )
+    return complete[-1]
+
+
 def describe_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
     keys = [key for key in {**saved, **wanted} if saved.get(key) != wanted.get(key)]
     return "; ".join(f"{key}: {saved.get(key)!r} there, {wanted.get(key)!r} now" for key in keys)
@@ -133,12 +244,15 @@ def prepare_output_dir(
     (`remove`); the others only learn that there is nothing to resume.
     """
     checkpoints = list_checkpoints(output_dir)
+    incomplete = list_checkpoints(output_dir, INCOMPLETE)
     if resume:
-        if resume is True and not checkpoints:
-            raise OutputDirError(
-                f"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-* folder to resume from"
-            )
-        checkpoint = checkpoints[-1] if resume is True else Path(str(resume))
+        if resume is True:
+            checkpoint = latest_complete_checkpoint(output_dir, checkpoints, incomplete, say=remove)
+        else:
+            checkpoint = Path(str(resume))
+        if remove:
+            for path in incomplete:  # temporary folders, never a person's; this run writes its own
+                shutil.rmtree(path)
         if not (checkpoint / "trainer_state.json").is_file():
             raise OutputDirError(f"resume_from_checkpoint: {checkpoint} is not a checkpoint (no trainer_state.json)")
         saved = read_fingerprint(checkpoint)
@@ -152,11 +266,11 @@ def prepare_output_dir(
         return str(checkpoint)
 
     saved = read_fingerprint(output_dir)
-    if not checkpoints and saved is None:
+    if not checkpoints and not incomplete and saved is None:
         return None
     if overwrite:
         if remove:
-            remove_earlier_run(output_dir, checkpoints)
+            remove_earlier_run(output_dir, checkpoints + incomplete)
         return None
     if saved is None:
         raise OutputDirError(
@@ -168,7 +282,7 @@ def prepare_output_dir(
             f"{output_dir} holds a different run ({describe_difference(saved, fingerprint)}); "
             "choose another output_dir, or set overwrite_output_dir: true to replace it"
         )
-    latest = checkpoints[-1].name if checkpoints else "finished"
+    latest = (checkpoints or incomplete)[-1].name if checkpoints or incomplete else "finished"
     raise OutputDirError(
         f"{output_dir} already holds this run ({latest}); set resume_from_checkpoint: true to continue it, "
         "or overwrite_output_dir: true to start over"

@@ -23,6 +23,7 @@ from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.errors import ConfigError
 from tunesmith.train.preference import no_media
 from tunesmith.train.sft import TrainResult
+from tunesmith.train.trainer import WholeCheckpoints
 from tunesmith.train.trl_stage import Loaded, Stage, StageData, run_trl_stage, without_token_count
 
 
@@ -133,7 +134,11 @@ def build_grpo_trainer(loaded: Loaded):
         max_completion_length=config.generation.max_new_tokens,
     )
     watch = without_token_count(args, loaded.callbacks)
-    return GRPOTrainer(
+
+    class GRPOStageTrainer(WholeCheckpoints, GRPOTrainer):
+        """GRPOTrainer with whole checkpoints."""
+
+    return GRPOStageTrainer(
         model=loaded.model,
         reward_funcs=rewards,
         args=args,

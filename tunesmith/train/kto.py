@@ -21,6 +21,7 @@ from tunesmith.data.stages import PAIRWISE_STAGES
 from tunesmith.errors import ConfigError
 from tunesmith.train.preference import decide_precompute, no_media, reference_for, split_answer
 from tunesmith.train.sft import TrainResult
+from tunesmith.train.trainer import WholeCheckpoints
 from tunesmith.train.trl_stage import Loaded, Stage, StageData, run_trl_stage
 
 KTO_COLUMNS = ("prompt_ids", "completion_ids", "label")
@@ -113,7 +114,7 @@ def load_kto_rows(config: RunConfig, tokenizer, chat_template: str) -> StageData
 def build_kto_trainer(loaded: Loaded):
     from trl import KTOConfig, KTOTrainer
 
-    class TokenizedKTOTrainer(KTOTrainer):
+    class TokenizedKTOTrainer(WholeCheckpoints, KTOTrainer):
         """KTOTrainer on rows our data step tokenized (see the module docstring)."""
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):

@@ -23,6 +23,7 @@ from tunesmith.data.dataset import load_data
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.errors import DataError
 from tunesmith.train.sft import TrainResult
+from tunesmith.train.trainer import WholeCheckpoints
 from tunesmith.train.trl_stage import (
     Loaded,
     Stage,
@@ -183,7 +184,7 @@ def load_frozen_model(name: str, adapters: list[str] | None, bits: int | None, c
 def tokenized_dpo_trainer_class():
     from trl import DPOTrainer
 
-    class TokenizedDPOTrainer(DPOTrainer):
+    class TokenizedDPOTrainer(WholeCheckpoints, DPOTrainer):
         """DPOTrainer on rows our data step tokenized (see the module docstring)."""
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -253,7 +254,7 @@ def build_reference_free_trainer(loaded: Loaded):
 
     watch = without_token_count(args, loaded.callbacks)
 
-    class TokenizedTrainer(trainer_class):
+    class TokenizedTrainer(WholeCheckpoints, trainer_class):
         """Its public `tokenize_row` hands back our ids in its format instead of tokenizing text."""
 
         def tokenize_row(self, feature, model=None):

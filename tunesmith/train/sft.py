@@ -7,7 +7,9 @@ checks and outputs around it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,7 @@ from tunesmith.train.checkpoints import (
 from tunesmith.train.threads import match_threads_to_cores
 from tunesmith.train.trainer import TunesmithTrainer
 
+TENSORBOARD_LOGGING_DIR = "TENSORBOARD_LOGGING_DIR"  # read by transformers' TensorBoardCallback
 PISSA_INIT_DIR = "pissa_init"  # the adapter as initialised, which the final PiSSA adapter is converted against
 
 
@@ -108,6 +111,9 @@ def run_sft(config: RunConfig, score_replies: ReplyScorer | None = None) -> Trai
     if media.takes_images:
         trainer.data_collator = multimodal.MediaBatches(trainer.data_collator, media)  # pixel values join the batch
     print_batch_plan(config, trainer, data.train_rows)
+    if {"tensorboard", "all"} & set(config.train.report_to) and trainer.is_world_process_zero():
+        events = config.train.logging_dir or run_dir.path / "runs"
+        print(f"TensorBoard: tensorboard --logdir {events}")
     write_run_files(run_dir, config, trainer, model)
     return train_and_save(trainer, run_dir, config, tokenizer, processor)
 
@@ -462,7 +468,6 @@ def build_trainer(
     from transformers import PrinterCallback
 
     train = config.train
-    packing = config.data.packs
     fsdp_arguments = fsdp.training_arguments(train.fsdp, train.fsdp_offload, train.fsdp_config, model)  # {}: none
     if fsdp_arguments:
         apply_fsdp_on_cpu_processes()  # accelerate 1.15 would drop FSDP on CPU processes and run DDP
@@ -477,42 +482,66 @@ def build_trainer(
         arguments_class,
         **(stage_arguments or {}),
     )
+    packing = config.data.packs
     if data_collator is None:
         pad_id = tokenizer.pad_token_id
         data_collator = PackedBatches.for_model(pad_id, model) if packing else PadToLongest(pad_id)
-    trainer = trainer_class(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        data_collator=data_collator,
-        processing_class=tokenizer,
-        callbacks=run_callbacks(config, fingerprint),
-        # Liger's fused linear cross-entropy already avoids the full logits, inside the model's own forward
-        chunked_loss=config.method.chunked_loss and not config.model.enable_liger_kernel,
-        loraplus_lr_ratio=config.method.loraplus_lr_ratio,
-        loraplus_lr_embedding=config.method.loraplus_lr_embedding,
-        offload_activations=checkpointing == "offload",
-        # grouped by the rows of one forward pass over all processes: the same order for any process count
-        train_sampler=length_grouped_sampler(
-            train.group_by_length, packing, data.train, train.per_device_train_batch_size * args.world_size, train.seed
-        ),
-    )
+    with tensorboard_folder(train.logging_dir):
+        trainer = trainer_class(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            data_collator=data_collator,
+            processing_class=tokenizer,
+            callbacks=run_callbacks(config),
+            checkpoint_fingerprint=fingerprint,  # in each checkpoint, so that resuming can check it belongs to this run
+            # Liger's fused linear cross-entropy already avoids the full logits, inside the model's own forward
+            chunked_loss=config.method.chunked_loss and not config.model.enable_liger_kernel,
+            loraplus_lr_ratio=config.method.loraplus_lr_ratio,
+            loraplus_lr_embedding=config.method.loraplus_lr_embedding,
+            offload_activations=checkpointing == "offload",
+            # grouped by the rows of one forward pass over all processes: the same order for any process count
+            train_sampler=length_grouped_sampler(
+                train.group_by_length,
+                packing,
+                data.train,
+                train.per_device_train_batch_size * args.world_size,
+                train.seed,
+            ),
+        )
     trainer.remove_callback(PrinterCallback)
     if fsdp_arguments:
         trainer.add_callback(fsdp.ShardingCheck())  # fails the run unless the model really is sharded
     return trainer
 
 
-def run_callbacks(config: RunConfig, fingerprint: dict) -> list:
-    """What every stage's run shows and keeps: progress, tokens/s, metrics.jsonl, NaN guard, Ctrl-C, fingerprints."""
+@contextmanager
+def tensorboard_folder(logging_dir: str | None):
+    """`logging_dir`: Trainer's TensorBoard callback, created with the Trainer, takes its folder from this variable
+    (transformers 5 dropped the `logging_dir` argument)."""
+    if logging_dir is None:
+        yield
+        return
+    before = os.environ.get(TENSORBOARD_LOGGING_DIR)
+    os.environ[TENSORBOARD_LOGGING_DIR] = logging_dir
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[TENSORBOARD_LOGGING_DIR]
+        else:
+            os.environ[TENSORBOARD_LOGGING_DIR] = before
+
+
+def run_callbacks(config: RunConfig) -> list:
+    """What every stage's run shows and keeps: progress, tokens/s, metrics.jsonl, NaN guard, Ctrl-C."""
     return [
         callbacks.TokensPerSecond(),
         callbacks.ProgressBar(),
         callbacks.MetricsFile(Path(config.output.output_dir)),
         callbacks.NonFiniteLossGuard(),
         callbacks.SaveOnInterrupt(),
-        callbacks.FingerprintCheckpoints(fingerprint),
     ]
 
 
@@ -575,6 +604,7 @@ def training_argument_values(
         # nodes without a shared file system each keep whole checkpoints (DeepSpeed's: use_node_local_storage)
         save_on_each_node=not output_dir_shared,
         report_to=[] if train.report_to == ["none"] else train.report_to,
+        run_name=train.run_name,
         dataloader_num_workers=train.dataloader_num_workers,
         ddp_timeout=train.ddp_timeout,
         # several CPU processes (a group joined before the recipe runs) talk over gloo

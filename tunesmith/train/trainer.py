@@ -1,4 +1,4 @@
-"""Transformers' `Trainer` with tunesmith's four changes, each switched by a config key.
+"""Transformers' `Trainer` with tunesmith's changes: four switched by a config key, and whole checkpoints.
 
 - `chunked_loss`: the training loss comes from `loss.chunked_causal_lm_loss` (no `[batch, seq, vocab]` logits),
   also under DDP and DeepSpeed, where the wrapper's own forward must run for its gradient hooks.
@@ -9,23 +9,66 @@
 - `group_by_length` (on by default): the train set is read in `data.length_groups` order, seeded per epoch.
 - `predict_with_generate` with an eval split: each evaluation also generates a reply for every eval row and adds
   the scores (`eval_bleu-4`, `eval_rouge-*`) to the eval metrics, so they are logged with the eval loss.
+- Checkpoints are written under `tmp-checkpoint-N/` with the run's fingerprint and renamed to `checkpoint-N` when
+  every process has written its part (`checkpoints.write_checkpoint`), so a kill at any moment leaves either a
+  whole checkpoint or none. This is the `WholeCheckpoints` mixin, which TRL's stage trainers take as well; it
+  overrides two private Trainer methods (see tunesmith/patches.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Sampler
 from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from tunesmith.train import loss
+from tunesmith.train.checkpoints import write_checkpoint, write_fingerprint
 
 
-class TunesmithTrainer(Trainer):
+class WholeCheckpoints:
+    """Trainer mixin: each checkpoint is written under `tmp-checkpoint-N/` and renamed to `checkpoint-N` once every
+    process has written its part, with the run's fingerprint in it (see tunesmith/patches.py). Set
+    `checkpoint_fingerprint` on the trainer; TunesmithTrainer and the TRL stage trainers take it."""
+
+    checkpoint_fingerprint: dict[str, Any] | None = None
+    _checkpoint_staging: str | None = None  # while a checkpoint is written: the folder it goes into
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written into a temporary folder and renamed into place once complete."""
+        if trial is not None:  # hyperparameter search writes per-trial folders of its own
+            return super()._save_checkpoint(model, trial)
+        step = self.state.global_step
+
+        def write(staging: Path) -> Path:
+            self._checkpoint_staging = str(staging)  # Trainer writes `<_get_output_dir()>/checkpoint-N`
+            try:
+                super(WholeCheckpoints, self)._save_checkpoint(model, trial)
+            finally:
+                self._checkpoint_staging = None
+            return staging / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+        def finish(folder: Path) -> None:
+            self.accelerator.wait_for_everyone()  # every process's part (RNG states, shards) is in
+            if self.args.should_save and self.checkpoint_fingerprint is not None:
+                write_fingerprint(folder, self.checkpoint_fingerprint)
+
+        output_dir = Path(self.args.output_dir)
+        write_checkpoint(output_dir, step, write, finish, publish=self.args.should_save)
+        if self.args.should_save:  # Trainer rotated inside the temporary folder; the real ones rotate here
+            rotate_checkpoints(str(output_dir), self.args.save_total_limit, self.state.best_model_checkpoint)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+
+class TunesmithTrainer(WholeCheckpoints, Trainer):
     def __init__(
         self,
         *args: Any,
@@ -35,10 +78,12 @@ class TunesmithTrainer(Trainer):
         offload_activations: bool = False,
         train_sampler: Sampler[int] | None = None,
         score_generated_replies: Callable[[Any], dict[str, float]] | None = None,
+        checkpoint_fingerprint: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.score_generated_replies = score_generated_replies  # model → {metric: value}; None: loss only
+        self.checkpoint_fingerprint = checkpoint_fingerprint  # written into each checkpoint before it is renamed
         self.train_sampler = train_sampler  # None: Trainer's own (random) order
         self.chunked_loss = chunked_loss
         self.loraplus_lr_ratio = loraplus_lr_ratio

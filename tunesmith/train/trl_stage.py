@@ -22,7 +22,6 @@ from tunesmith.errors import NotSupportedYet
 from tunesmith.model.load import load_processor, load_tokenizer
 from tunesmith.model.resolve import resolve_model
 from tunesmith.train import callbacks
-from tunesmith.train.allocator import release_free_memory
 from tunesmith.train.sft import (
     TrainResult,
     announce_precision,
@@ -31,11 +30,13 @@ from tunesmith.train.sft import (
     prepare_run_dir,
     print_batch_plan,
     run_callbacks,
-    save_final_outputs,
+    tensorboard_folder,
+    train_and_save,
     training_argument_values,
     tune_cpu_process,
     write_run_files,
 )
+from tunesmith.train.trainer import WholeCheckpoints
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO/CPO live in trl.experimental; we pin the TRL we test
 
@@ -96,29 +97,17 @@ def run_trl_stage(config: RunConfig, stage: Stage) -> TrainResult:
 
     model, checkpointing = prepare_model(config, model_dir, precision, attention)
     arguments = stage_arguments(config, model, data, precision, checkpointing, run_dir.shared)
-    watch = run_callbacks(config, run_dir.fingerprint)
+    watch = run_callbacks(config)
     loaded = Loaded(config, model_dir, tokenizer, model, data, precision, attention, arguments, watch)
-    trainer = stage.build_trainer(loaded)
+    with tensorboard_folder(config.train.logging_dir):  # Trainer's TensorBoard callback is made with the trainer
+        trainer = stage.build_trainer(loaded)
+    if not isinstance(trainer, WholeCheckpoints):
+        raise TypeError(f"{type(trainer).__name__} must take the WholeCheckpoints mixin")  # our bug: a stage's trainer
+    trainer.checkpoint_fingerprint = run_dir.fingerprint  # in each checkpoint, so resuming can check it is this run's
     trainer.remove_callback(PrinterCallback)
     print_batch_plan(config, trainer, data.train_rows)
     write_run_files(run_dir, config, trainer, model)
-
-    interrupt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, callbacks.SaveOnInterrupt))
-    result = trainer.train(resume_from_checkpoint=run_dir.resume_from)
-    release_free_memory()
-    if interrupt.interrupted:
-        run_dir.record_finished_run()
-        print(
-            f"Stopped at step {trainer.state.global_step}; checkpoint saved in {run_dir.path}. "
-            "Continue with resume_from_checkpoint=true."
-        )
-        return TrainResult(run_dir.path, trainer.state.global_step, None, interrupted=True)
-
-    drop_reference_adapter(trainer)
-    save_final_outputs(trainer, tokenizer, None, config, run_dir.path)
-    run_dir.record_finished_run()
-    print(f"Done: {trainer.state.global_step} steps, train loss {result.training_loss:.4f}. Output: {run_dir.path}")
-    return TrainResult(run_dir.path, trainer.state.global_step, result.training_loss, interrupted=False)
+    return train_and_save(trainer, run_dir, config, tokenizer, None, after_training=drop_reference_adapter)
 
 
 def stage_arguments(config: RunConfig, model, data: StageData, precision, checkpointing, shared: bool) -> dict:
