@@ -56,10 +56,10 @@ def finetune_settings(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     flags = {**DEFAULTS, **given}
     if not flags["base_model"]:
         raise ConfigError("--base_model is required (finetune.py's first flag): a model folder, hub id or alias")
-    if "data_path" not in given:
+    if not str(flags["data_path"]).endswith((".json", ".jsonl")):  # finetune.py reads any other path from the hub
         raise ConfigError(
-            "--data_path: finetune.py's default yahma/alpaca-cleaned is a hub dataset; download it as a JSON file "
-            "and pass --data_path FILE.json"
+            f"--data_path {flags['data_path']}: a hub dataset (finetune.py loads every path not ending in .json or "
+            ".jsonl from the hub); download it as a JSON file and pass --data_path FILE.json"
         )
     batch, micro = int(flags["batch_size"]), int(flags["micro_batch_size"])
     if batch % micro:

@@ -22,14 +22,18 @@ def recipe_names() -> list[str]:
     return sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
 
 
-def is_recipe(name: str) -> bool:
-    return name.removesuffix(".yaml") in recipe_names()
-
-
 def recipe_path(name: str) -> Path:
-    name = name.removesuffix(".yaml")
+    given, name = name, name.removesuffix(".yaml")
     if name not in recipe_names():
-        raise ConfigError(f"no config file or recipe named {name!r}; recipes: {', '.join(recipe_names())}")
+        torchtune = (
+            "; torchtune's own configs are not shipped: copy the file from torchtune's recipes/configs/ and pass "
+            "its path"
+            if "/" in name
+            else ""
+        )
+        raise ConfigError(
+            f"config file {given} does not exist, nor a recipe of that name ({', '.join(recipe_names())}){torchtune}"
+        )
     return RECIPE_DIR / f"{name}.yaml"
 
 

@@ -17,7 +17,7 @@ from tunesmith import console
 from tunesmith.config import alpaca_lora, config_to_flat_dict, load_config
 from tunesmith.config.load import override_value
 from tunesmith.config.predict import predict_config_after_training
-from tunesmith.config.recipes import is_recipe, recipe_overrides, recipe_path
+from tunesmith.config.recipes import recipe_overrides, recipe_path
 from tunesmith.config.sections import SECTIONS
 from tunesmith.distributed import launch, process_group
 from tunesmith.errors import NotSupportedYet
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # no file, only overrides
         config_path, overrides = None, [config_path, *overrides]
-    if config_path is not None and not Path(config_path).exists() and is_recipe(config_path):
+    if config_path is not None and not Path(config_path).exists():  # a recipe's name (else: what the names are)
         config_path, overrides = str(recipe_path(config_path)), [*recipe_overrides(config_path), *overrides]
     finetune_flags = {
         key.removeprefix("finetune_"): override_value(key.removeprefix("finetune_"), value)
