@@ -288,3 +288,5 @@ def test_alpaca_lora_defaults_are_finetune_py_defaults(tmp_path, capsys):
     assert "train_on_prompt" not in printed  # False: the default, so not listed among the changed keys
     assert main(["train", "--base_model", "m"]) == 2
     assert "hub dataset" in capsys.readouterr().err
+    assert main(["train", "identity_lora", "--lora_r", "16"]) == 2  # flags and a file would fight over every key
+    assert "describe a whole run" in capsys.readouterr().err

@@ -424,6 +424,12 @@ class Translation:
             column_map = {("instruction" if key == "input" else key): column for key, column in column_map.items()}
         if name == "chat_dataset":
             column_map = {"messages": arguments.get("conversation_column", "conversations")}
+            style = arguments.get("conversation_style", "sharegpt")
+            if style not in ("sharegpt", "openai"):
+                raise ConfigError(
+                    f"torchtune `dataset.conversation_style: {style}` cannot be mapped; use sharegpt or openai"
+                )
+            # either style is told apart from the rows themselves (data/formats.py), as the style would say
         if name.startswith("alpaca"):
             self.values["prompt_template_name"] = "alpaca"  # Alpaca-LoRA's file: torchtune's Alpaca prompt text
             self.note(
@@ -435,6 +441,13 @@ class Translation:
 
     def validation(self, dataset: Any, dataset_val: Any, every: Any) -> None:
         """`split: train[:95%]` with `dataset_val: split: train[95%:]` is a held-out 5%: val_size 0.05."""
+        if isinstance(dataset, list):
+            splits = sorted({str(part.get("split", "train")) for part in dataset if isinstance(part, Mapping)})
+            if splits not in ([], ["train"]) or dataset_val is not None:
+                raise ConfigError(
+                    f"torchtune datasets in a list with splits {splits} (or a dataset_val) cannot be mapped: "
+                    "tunesmith reads whole files; remove the splits and set val_size"
+                )
         split = dataset.get("split", "train") if isinstance(dataset, Mapping) else "train"
         if split == "train" and dataset_val is None:
             self.set("eval_steps", every)

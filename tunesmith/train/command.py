@@ -20,7 +20,7 @@ from tunesmith.config.predict import predict_config_after_training
 from tunesmith.config.recipes import recipe_overrides, recipe_path
 from tunesmith.config.sections import SECTIONS
 from tunesmith.distributed import launch, process_group
-from tunesmith.errors import NotSupportedYet
+from tunesmith.errors import ConfigError, NotSupportedYet
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
         for key, value in vars(args).items()
         if key.startswith("finetune_") and value is not None
     }
+    if finetune_flags and config_path is not None:
+        raise ConfigError(
+            f"Alpaca-LoRA's flags describe a whole run, and {config_path} does too; give the flags alone, or the "
+            "file with key=value overrides (lora_r=16 works as a key)"
+        )
     if finetune_flags:
         overrides = [*finetune_overrides(finetune_flags, print_yaml=not args.print_config), *overrides]
     config = load_config(config_path, overrides)
