@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("tunesmith.evaluate.eval_command", "MMLU, C-Eval or CMMLU accuracy of a model or adapter"),
     "estimate": ("tunesmith.estimate.command", "predict a run's peak memory before loading anything"),
     "version": ("tunesmith.version_command", "print the versions of tunesmith and the libraries it uses"),
+    "download": ("tunesmith.download_command", "download a hub model into a folder (torchtune's tune download)"),
     "ls": ("tunesmith.ls_command", "list the shipped recipes, one per tutorial workflow"),
     "cp": ("tunesmith.cp_command", "copy a shipped recipe to edit: tunesmith cp NAME dest.yaml"),
     "env": ("tunesmith.env_command", "the environment as a Markdown table for bug reports; --check tests devices"),

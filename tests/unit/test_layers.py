@@ -33,6 +33,7 @@ LAYERS = {
     "version_command": 5,
     "env_command": 5,
     "ls_command": 5,
+    "download_command": 5,
     "cp_command": 5,
     "ui": 5,
     "webui": 5,

@@ -113,6 +113,15 @@ def test_zero_recipes_are_two_process_deepspeed_runs(stage):
     assert json.loads(Path(config.train.deepspeed).read_text())["zero_optimization"]["stage"] == stage
 
 
+def test_download_without_a_network_says_what_to_do(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["download", "no-such-org/no-such-model", "--output-dir", str(tmp_path / "m")]) == 2
+    assert "HF_HUB_OFFLINE=1" in capsys.readouterr().err
+
+
 # torchtune configs
 
 
