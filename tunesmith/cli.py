@@ -27,6 +27,7 @@ BUG_NOTE = (
 # name → (module holding add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("tunesmith.train.command", "fine-tune a model: tunesmith train CONFIG.yaml [key=value ...]"),
+    "run": ("tunesmith.train.run_command", "torchtune's tune run: tunesmith run RECIPE --config FILE [key=value ...]"),
     "data": ("tunesmith.data.command", "check, preview or convert datasets with the same keys as train"),
     "chat": ("tunesmith.chat.command", "chat with a model or a trained adapter, streaming the reply"),
     "export": ("tunesmith.export.command", "merge adapters and write safetensors shards, GGUF and a Modelfile"),
@@ -37,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("tunesmith.estimate.command", "predict a run's peak memory before loading anything"),
     "webui": ("tunesmith.ui.webui_command", "the browser UI: train, watch, chat, evaluate and export (127.0.0.1)"),
     "version": ("tunesmith.version_command", "print the versions of tunesmith and the libraries it uses"),
+    "download": ("tunesmith.download_command", "download a hub model into a folder (torchtune's tune download)"),
+    "ls": ("tunesmith.ls_command", "list the shipped recipes, one per tutorial workflow"),
+    "cp": ("tunesmith.cp_command", "copy a shipped recipe to edit: tunesmith cp NAME dest.yaml"),
+    "env": ("tunesmith.env_command", "the environment as a Markdown table for bug reports; --check tests devices"),
 }
 
 

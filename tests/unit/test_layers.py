@@ -31,6 +31,10 @@ LAYERS = {
     "cli": 5,
     "__main__": 5,
     "version_command": 5,
+    "env_command": 5,
+    "ls_command": 5,
+    "download_command": 5,
+    "cp_command": 5,
     "ui": 5,
     "webui": 5,
 }

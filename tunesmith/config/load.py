@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from tunesmith.config import torchtune
 from tunesmith.config.sections import SECTIONS, RunConfig
 from tunesmith.errors import ConfigError
 
@@ -33,7 +34,6 @@ ALIASES: dict[str, str] = {
     "lora_target_modules": "lora_target",
     "val_set_size": "val_size",
     "train_on_inputs": "train_on_prompt",
-    "prompt_template_name": "template",
     "max_seq_len": "cutoff_len",
     "evaluation_strategy": "eval_strategy",
     "modules_to_save": "additional_target",  # peft's name
@@ -42,6 +42,34 @@ ALIASES: dict[str, str] = {
 
 # Keys that say the opposite of ours: LLaMA-Factory turns checkpointing on unless `disable_gradient_checkpointing`.
 NEGATED_ALIASES: dict[str, str] = {"disable_gradient_checkpointing": "gradient_checkpointing"}
+
+# Alpaca-LoRA's prompt templates (its templates/*.json, unchanged), shipped beside the named templates.
+ALPACA_LORA_TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "templates" / "alpaca_lora"
+
+
+def alpaca_lora_template(name: Any) -> str:
+    """`prompt_template_name: alpaca` → the path of Alpaca-LoRA's templates/alpaca.json."""
+    names = sorted(path.stem for path in ALPACA_LORA_TEMPLATES.glob("*.json"))
+    if str(name) not in names:
+        raise ConfigError(f"`prompt_template_name`: Alpaca-LoRA has no template {name!r}; known: {', '.join(names)}")
+    return str(ALPACA_LORA_TEMPLATES / f"{name}.json")
+
+
+def quantized_to(bits: int):
+    def quantization_bit(on: Any) -> int | None:
+        if not isinstance(on, bool):
+            raise ConfigError(f"`load_in_{bits}bit`: got {on!r}; expected true or false")
+        return bits if on else None
+
+    return quantization_bit
+
+
+# Keys of other tools whose value is written differently too: key → (our key, their value → ours).
+CONVERTED_KEYS: dict[str, tuple[str, Any]] = {
+    "prompt_template_name": ("template", alpaca_lora_template),  # Alpaca-LoRA
+    "load_in_8bit": ("quantization_bit", quantized_to(8)),  # Alpaca-LoRA, transformers
+    "load_in_4bit": ("quantization_bit", quantized_to(4)),
+}
 
 # Keys that change nothing in tunesmith but appear in copied files; accepted and dropped with a notice.
 IGNORED_KEYS: dict[str, str] = {
@@ -130,18 +158,21 @@ def flatten(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _value(key: str, value: Any) -> Any:
+    if key in CONVERTED_KEYS:
+        return CONVERTED_KEYS[key][1](value)
     return not value if key in NEGATED_ALIASES and isinstance(value, bool) else value
 
 
 def _canonical(key: str, section: str | None = None) -> str:
-    key = ALIASES.get(key, NEGATED_ALIASES.get(key, key))
+    key = CONVERTED_KEYS[key][0] if key in CONVERTED_KEYS else ALIASES.get(key, NEGATED_ALIASES.get(key, key))
     if section is not None and KEY_TO_SECTION.get(key, section) != section:
         raise ConfigError(f"`{section}.{key}`: {key} belongs to section `{KEY_TO_SECTION[key]}`, not `{section}`")
     return key
 
 
 def suggest(key: str) -> str:
-    candidates = difflib.get_close_matches(key, [*KEY_TO_SECTION, *ALIASES, *NEGATED_ALIASES], n=3, cutoff=0.6)
+    known = [*KEY_TO_SECTION, *ALIASES, *NEGATED_ALIASES, *CONVERTED_KEYS]
+    candidates = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     return (
         f"; did you mean {', '.join(candidates)}?" if candidates else "; `tunesmith train --help-keys` lists every key"
     )
@@ -185,8 +216,15 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def read_values(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """The flat keys of a YAML file (optional) with `key=value` overrides on top, not validated yet."""
-    values = flatten(read_yaml(path)) if path is not None else {}
+    """The flat keys of a YAML file (optional) with `key=value` overrides on top, not validated yet.
+
+    A torchtune recipe config (nested `_component_` keys) is translated first, its overrides applied as `tune run`
+    applies them (config/torchtune.py)."""
+    raw = read_yaml(path) if path is not None else {}
+    if torchtune.is_torchtune_config(raw):
+        our_keys = [*KEY_TO_SECTION, *ALIASES, *NEGATED_ALIASES, *CONVERTED_KEYS]
+        return flatten(torchtune.translate(raw, overrides, override_value, our_keys))
+    values = flatten(raw)
     values.update(flatten(parse_overrides(overrides)))
     return values
 

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
+
+import yaml
 
 from tunesmith import console
-from tunesmith.config import config_to_flat_dict, load_config
+from tunesmith.config import alpaca_lora, config_to_flat_dict, load_config
+from tunesmith.config.load import override_value
 from tunesmith.config.predict import predict_config_after_training
+from tunesmith.config.recipes import recipe_overrides, recipe_path
 from tunesmith.config.sections import SECTIONS
 from tunesmith.distributed import launch, process_group
+from tunesmith.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +28,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value settings that win over the file, e.g. name=Tunesmith")
     parser.add_argument("--help-keys", action="store_true", help="list every config key with its default and meaning")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    finetune = parser.add_argument_group(
+        "Alpaca-LoRA's finetune.py flags", "train as `python finetune.py` with these flags would"
+    )
+    for flag, default in alpaca_lora.DEFAULTS.items():
+        boolean = flag in alpaca_lora.BOOLEAN_FLAGS
+        finetune.add_argument(
+            f"--{flag}",
+            dest=f"finetune_{flag}",
+            nargs="?" if boolean else None,
+            const="true" if boolean else None,
+            metavar="VALUE",
+            help=f"finetune.py's default: {default!r}",
+        )
+
+
+def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with every train argument it lacks at its default (for commands that run train: `tunesmith run`)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return argparse.Namespace(**{**vars(parser.parse_args([])), **vars(args)})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +57,20 @@ def run(args: argparse.Namespace) -> int:
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # no file, only overrides
         config_path, overrides = None, [config_path, *overrides]
+    if config_path is not None and not Path(config_path).exists():  # a recipe's name (else: what the names are)
+        config_path, overrides = str(recipe_path(config_path)), [*recipe_overrides(config_path), *overrides]
+    finetune_flags = {
+        key.removeprefix("finetune_"): override_value(key.removeprefix("finetune_"), value)
+        for key, value in vars(args).items()
+        if key.startswith("finetune_") and value is not None
+    }
+    if finetune_flags and config_path is not None:
+        raise ConfigError(
+            f"Alpaca-LoRA's flags describe a whole run, and {config_path} does too; give the flags alone, or the "
+            "file with key=value overrides (lora_r=16 works as a key)"
+        )
+    if finetune_flags:
+        overrides = [*finetune_overrides(finetune_flags, print_yaml=not args.print_config), *overrides]
     config = load_config(config_path, overrides)
     for library in libraries_in_use(config):
         console.show_library_warnings(library)
@@ -91,6 +132,24 @@ def recipe_for(stage: str):
         "grpo": grpo.run_grpo,
     }
     return recipes[stage]
+
+
+def finetune_overrides(flags: dict, print_yaml: bool) -> list[str]:
+    """Alpaca-LoRA's flags → key=value overrides (what torchrun's processes get); their YAML is printed once."""
+    settings, environment, notes = alpaca_lora.finetune_settings(flags)
+    os.environ.update(environment)  # as finetune.py does: wandb reads its project and run name from these
+    if print_yaml:
+        for note in notes:
+            print(f"note: {note}")
+        prefix = "".join(f"{name}={value} " for name, value in environment.items())
+        print(f"equivalent tunesmith config (save it as alpaca.yaml, then: {prefix}tunesmith train alpaca.yaml):")
+        print(yaml.safe_dump(settings, sort_keys=False, allow_unicode=True).rstrip())
+    return [f"{key}={override_text(value)}" for key, value in settings.items()]
+
+
+def override_text(value) -> str:
+    """`value` as `key=value` text that override_value reads back as the same value."""
+    return yaml.safe_dump(value, default_flow_style=True, allow_unicode=True).removesuffix("...\n").strip()
 
 
 def libraries_in_use(config) -> list[str]:
