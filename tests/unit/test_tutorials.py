@@ -224,6 +224,13 @@ def test_torchtune_instruct_dataset_column_map_and_summarize_template(tmp_path, 
     assert config.method.lora_target == ["q_proj"]
 
 
+def test_torchtune_tensorboard_logger_writes_where_its_log_dir_says(tmp_path, tiny_model_dir):
+    logger = "metric_logger._component_=torchtune.training.metric_logging.TensorBoardLogger"
+    config = load_config(summarize_config(tmp_path, tiny_model_dir), [logger, "metric_logger.log_dir=${output_dir}/tb"])
+    assert config.train.report_to == ["tensorboard"]
+    assert config.train.logging_dir == f"{tmp_path / 'out'}/tb"
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -530,6 +530,9 @@ class Translation:
             raise ConfigError(f"torchtune metric_logger `{component}` cannot be mapped; known: {', '.join(LOGGERS)}")
         if LOGGERS[component] is not None:
             self.values["report_to"] = [LOGGERS[component]]
+        if LOGGERS[component] == "tensorboard" and "log_dir" in arguments:
+            arguments = dict(arguments)
+            self.values["logging_dir"] = str(arguments.pop("log_dir"))  # TensorBoard's event files go there
         settings = (
             f" ({', '.join(f'{key}: {value}' for key, value in arguments.items())} not used)" if arguments else ""
         )
