@@ -343,3 +343,46 @@ def test_precompute_auto_turns_on_only_when_the_second_copy_would_not_fit(tiny_m
     monkeypatch.setattr(memory, "available_memory", lambda device: memory.GiB // 2)
     enabled, reason = memory.auto_precompute(config, str(tiny_model_dir), "cpu")
     assert enabled and "second copy as the reference" in reason
+
+
+def test_ctrl_c_during_dpo_saves_a_whole_checkpoint_that_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    """The TRL stage trainers share SFT's Ctrl-C handling and write checkpoints the same whole way."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    from tunesmith.train import trl_stage
+
+    class CtrlCAtStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # as a person pressing Ctrl-C during step 2
+
+    shared_callbacks = trl_stage.run_callbacks
+    monkeypatch.setattr(trl_stage, "run_callbacks", lambda config: [CtrlCAtStep2(), *shared_callbacks(config)])
+    output = tmp_path / "out"
+    args = example_args("dpo_lora.yaml", tiny_model_dir, output, "max_steps=6", "save_steps=100")
+    assert main(args) == 130
+    assert [path.name for path in output.iterdir() if "checkpoint" in path.name] == ["checkpoint-2"]
+    assert (output / "checkpoint-2" / "tunesmith_run.json").is_file()  # the run's fingerprint, written before rename
+    assert not (output / "adapter_model.safetensors").exists()
+
+    monkeypatch.setattr(trl_stage, "run_callbacks", shared_callbacks)
+    assert main([*args, "resume_from_checkpoint=true", "overwrite_output_dir=false"]) == 0
+    # steps 1-2 from the interrupted run, 3-6 from the resumed one (a fresh start would log 1 and 2 again)
+    assert [record["step"] for record in records(output) if "rewards/margins" in record] == [1, 2, 3, 4, 5, 6]
+    assert (output / "adapter_model.safetensors").is_file()
+
+
+def test_freeze_dpo_trains_only_the_last_layers(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "out"
+    args = example_args("dpo_lora.yaml", tiny_model_dir, output, "finetuning_type=freeze", "freeze_trainable_layers=1")
+    assert main(args) == 0
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(output).state_dict()
+    last = AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.num_hidden_layers - 1
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(f"layers.{last}." in name for name in changed)
