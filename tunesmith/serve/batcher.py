@@ -155,28 +155,14 @@ def left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, padding)
 
 
-class Batcher:
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        stop_token_ids: list[int],
-        max_batch_size: int,
-        max_queue: int,
-        skip_special_tokens: bool = True,
-    ):
-        self.model, self.tokenizer = model, tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.stop_token_ids = set(stop_token_ids)
-        self.first_stop_id = stop_token_ids[0]
-        self._token_texts: TokenTexts | None = None  # built when the first JSON row needs it
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids[0]
-        self.max_batch_size = max_batch_size
+class JobWorker:
+    """A worker thread that takes jobs from a bounded queue: `submit` (QueueFull when full), `start`, `stop`,
+    `alive`. The transformers Batcher and the vLLM backend are both one."""
+
+    def __init__(self, max_queue: int, thread_name: str):
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.device = next(model.parameters()).device
-        self.cache_key = cache_argument(model)
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="tunesmith-batcher", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=thread_name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -194,6 +180,31 @@ class Batcher:
             self.jobs.put_nowait(job)
         except queue.Full:
             raise QueueFull from None
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+
+class Batcher(JobWorker):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        stop_token_ids: list[int],
+        max_batch_size: int,
+        max_queue: int,
+        skip_special_tokens: bool = True,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop_token_ids = set(stop_token_ids)
+        self.first_stop_id = stop_token_ids[0]
+        self._token_texts: TokenTexts | None = None  # built when the first JSON row needs it
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids[0]
+        self.max_batch_size = max_batch_size
+        self.device = next(model.parameters()).device
+        self.cache_key = cache_argument(model)
+        super().__init__(max_queue, "tunesmith-batcher")
 
     def _work(self) -> None:
         batch: ActiveBatch | None = None

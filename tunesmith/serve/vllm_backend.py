@@ -16,7 +16,6 @@ import importlib.util
 import json
 import logging
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from tunesmith.errors import ConfigError
-from tunesmith.serve.batcher import Delta, Failed, Finished, Job, QueueFull
+from tunesmith.serve.batcher import Delta, Failed, Finished, Job, JobWorker
 
 log = logging.getLogger("tunesmith.serve")
 
@@ -52,34 +51,15 @@ class Running:
     finished: set[int] = field(default_factory=set)
 
 
-class VllmBackend:
+class VllmBackend(JobWorker):
     """The batcher's interface (`submit`, `alive`, `start`, `stop`) over a vLLM `LLMEngine`."""
 
     def __init__(self, engine: Any, lora_request: Any, max_queue: int, skip_special_tokens: bool = True):
         self.engine, self.lora_request = engine, lora_request
         self.skip_special_tokens = skip_special_tokens
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.running: dict[str, Running] = {}
         self._count = 0
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="tunesmith-vllm", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=10)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def submit(self, job: Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull from None
+        super().__init__(max_queue, "tunesmith-vllm")
 
     def _work(self) -> None:
         while not self._stopping.is_set():
