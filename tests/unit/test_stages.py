@@ -291,6 +291,7 @@ def test_data_check_reads_each_stage_as_its_recipe_does(tiny_model_dir, capsys):
     [
         pytest.param((), id="ddp"),
         pytest.param(("deepspeed=ds_z2",), marks=needs_deepspeed, id="zero2"),
+        pytest.param(("fsdp=full_shard auto_wrap",), id="fsdp"),
     ],
 )
 def test_two_process_dpo_matches_one_process_with_the_same_global_batch(engine, tmp_path, tiny_model_dir):
@@ -303,6 +304,8 @@ def test_two_process_dpo_matches_one_process_with_the_same_global_batch(engine, 
     result = run_tunesmith([*args, "nproc_per_node=2", *engine])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert TWO_PROCESSES in result.stdout
+    if "fsdp" in " ".join(engine):
+        assert "fsdp: FSDP2 over 2 process(es)" in result.stdout  # sharded, not a silent fallback to DDP
     expected, got = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
     assert expected.keys() == got.keys()
     worst = max((expected[name] - got[name]).abs().max().item() for name in expected)

@@ -18,6 +18,7 @@ from typing import Any
 
 from tunesmith.config import RunConfig
 from tunesmith.data.templates import use_chat_format
+from tunesmith.distributed import fsdp
 from tunesmith.errors import NotSupportedYet
 from tunesmith.model.load import load_processor, load_tokenizer
 from tunesmith.model.resolve import resolve_model
@@ -105,6 +106,8 @@ def run_trl_stage(config: RunConfig, stage: Stage) -> TrainResult:
         raise TypeError(f"{type(trainer).__name__} must take the WholeCheckpoints mixin")  # our bug: a stage's trainer
     trainer.checkpoint_fingerprint = run_dir.fingerprint  # in each checkpoint, so resuming can check it is this run's
     trainer.remove_callback(PrinterCallback)
+    if arguments.get("fsdp"):
+        trainer.add_callback(fsdp.ShardingCheck())  # fails the run unless the model really is sharded
     print_batch_plan(config, trainer, data.train_rows)
     write_run_files(run_dir, config, trainer, model)
     return train_and_save(trainer, run_dir, config, tokenizer, None, after_training=drop_reference_adapter)
@@ -112,7 +115,6 @@ def run_trl_stage(config: RunConfig, stage: Stage) -> TrainResult:
 
 def stage_arguments(config: RunConfig, model, data: StageData, precision, checkpointing, shared: bool) -> dict:
     """Our TrainingArguments values plus the TRL fields whose defaults differ from ours, set explicitly."""
-    from tunesmith.distributed import fsdp
     from tunesmith.patches import apply_fsdp_on_cpu_processes
 
     train = config.train
