@@ -65,7 +65,9 @@ class ExportSection(Section):
         "cpu", description="Where merge arithmetic runs: cpu, or auto (the GPU when there is one)."
     )
     export_legacy_format: bool = Field(
-        False, description="Pickle .bin weights: refused, tunesmith writes only safetensors (pickle can run code)."
+        False,
+        description="Pickle .bin weights: true is refused (tunesmith writes only safetensors; pickle can run code), "
+        "so false, the only value, needs no code.",
     )
     export_hub_model_id: str | None = Field(None, description="Also upload the exported directory to this hub repo.")
     export_gguf: list[str] = Field(

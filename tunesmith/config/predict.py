@@ -83,7 +83,7 @@ NOT_FOR_PREDICT: dict[str, str] = {
     "dataloader_num_workers": "prompts are tokenized as they are generated, not by a data loader",
     "overwrite_cache": "predict keeps no tokenized cache",
     "report_to": "predict writes its results to output_dir, not to a tracker",
-    "ddp_timeout": "predict runs in one process",
+    "ddp_timeout": "under torchrun, predict's processes wait up to 3 hours for the slowest share, a fixed bound",
 }
 
 

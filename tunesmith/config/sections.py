@@ -73,8 +73,8 @@ class ModelSection(Section):
     )
     quantization_method: Literal["bitsandbytes", "bnb"] = Field(
         "bitsandbytes",
-        description="How quantization_bit quantizes: bitsandbytes (bnb). A model saved in GPTQ or AWQ form is "
-        "recognised from its config.json and needs no key.",
+        description="How quantization_bit quantizes: bitsandbytes (bnb), the only method, so no code reads the key; "
+        "other values fail its type check. A model saved in GPTQ or AWQ form is recognised from its config.json.",
     )
     quantization_type: Literal["nf4", "fp4"] = Field(
         "nf4", description="quantization_bit: 4: the 4-bit data type, NormalFloat (nf4, QLoRA's) or plain fp4."
@@ -247,7 +247,11 @@ class MethodSection(Section):
         "dpo with that pref_loss), kto, or grpo (online RL from reward_model / reward_funcs). ppo is refused: TRL "
         "1.x has no PPO.",
     )
-    do_train: bool = Field(True, description="Accepted for LLaMA-Factory compatibility; train always trains.")
+    do_train: bool = Field(
+        True,
+        description="Accepted for LLaMA-Factory compatibility: train always trains, so true needs no code; "
+        "false (evaluation or prediction only) is refused.",
+    )
     finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="What is trained.")
     lora_rank: int = Field(8, gt=0, description="LoRA rank r.")
     lora_alpha: int | None = Field(None, gt=0, description="LoRA alpha; default 2 x lora_rank.")

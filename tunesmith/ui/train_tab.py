@@ -166,23 +166,27 @@ def command_preview(form: dict[str, Any], context: UiContext) -> str:
     return f"# {config_path}\n{config_yaml(values)}\n# command\ntunesmith train {jobs.quote(str(config_path))}\n"
 
 
-def save_yaml(form: dict[str, Any], context: UiContext) -> str:
-    try:
-        values, config_path = checked_run(form, context)
-    except TunesmithError as error:
-        return f"error: {error}"
+def write_run_yaml(form: dict[str, Any], context: UiContext) -> Path:
+    """The form's run, checked, written as the YAML that Start runs; its path."""
+    values, config_path = checked_run(form, context)
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(config_yaml(values), encoding="utf-8")
+    return config_path
+
+
+def save_yaml(form: dict[str, Any], context: UiContext) -> str:
+    try:
+        config_path = write_run_yaml(form, context)
+    except TunesmithError as error:
+        return f"error: {error}"
     return f"saved {config_path}\nrun it with: tunesmith train {jobs.quote(str(config_path))}"
 
 
 def start(form: dict[str, Any], context: UiContext) -> str:
     try:
-        values, config_path = checked_run(form, context)
+        config_path = write_run_yaml(form, context)
     except TunesmithError as error:
         return f"error: {error}"
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(config_yaml(values), encoding="utf-8")
     output_dir = config_path.parent
     try:
         job = context.jobs.start(
