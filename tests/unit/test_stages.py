@@ -186,6 +186,24 @@ def test_full_dpo_with_precomputed_reference_log_probs_trains_as_with_a_second_c
     assert max((weights[name] - before[name]).abs().max().item() for name in before) > 1e-4
 
 
+def test_dpo_batch_in_passes_of_one_pair_gives_the_gradient_of_one_pass(tmp_path, tiny_model_dir, capsys):
+    """pairs_per_forward: auto (1 on a CPU) against the whole batch of 4 in one pass, as TRL runs it: float32, the
+    same weights after 2 steps and the same logged rewards."""
+    common = ("max_steps=2", "max_samples=8", "bf16=false", "per_device_train_batch_size=4", "warmup_ratio=0")
+    assert main(example_args("dpo_lora.yaml", tiny_model_dir, tmp_path / "one", *common, "pairs_per_forward=4")) == 0
+    assert "runs as 1 forward/backward pass(es)" in capsys.readouterr().out
+    assert main(example_args("dpo_lora.yaml", tiny_model_dir, tmp_path / "passes", *common)) == 0
+    assert "pairs_per_forward: 1 (auto): each batch of 4 pair(s) runs as 4 forward/backward" in capsys.readouterr().out
+    expected = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "passes" / "adapter_model.safetensors")
+    assert max((expected[name] - got[name]).abs().max().item() for name in expected) <= 1e-5
+    assert max(tensor.abs().max().item() for name, tensor in got.items() if "lora_B" in name) > 1e-3
+    for one, passes in zip(records(tmp_path / "one"), records(tmp_path / "passes"), strict=True):
+        for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"):
+            if name in one:
+                assert one[name] == pytest.approx(passes[name], abs=1e-5), name
+
+
 def test_memory_estimate_counts_the_reference_copy_unless_precomputed(tiny_model_dir):
     from tunesmith.estimate.memory import estimate_peak_memory
 
@@ -205,6 +223,15 @@ def test_memory_estimate_counts_the_reference_copy_unless_precomputed(tiny_model
     two_rows = estimate("stage=sft", "finetuning_type=full", "per_device_train_batch_size=2")
     assert dpo.activations == two_rows.activations > sft.activations  # a pair's chosen and rejected rows in one batch
     assert dpo.total_bytes - precomputed.total_bytes == dpo.reference
+
+    # pairs_per_forward: auto holds one pair's activations on a CPU and the whole batch's on a GPU
+    four = ("stage=dpo", "per_device_train_batch_size=4")
+    assert estimate(*four).activations == lora.activations < estimate(*four, "pairs_per_forward=4").activations
+    on_gpu = load_config(None, ["dataset=dpo_en_demo", "bf16=false", *four])
+    gpu_auto = estimate_peak_memory(on_gpu, model_config, device="cuda", gradient_checkpointing=False)
+    on_gpu = load_config(None, ["dataset=dpo_en_demo", "bf16=false", *four, "pairs_per_forward=4"])
+    gpu_four = estimate_peak_memory(on_gpu, model_config, device="cuda", gradient_checkpointing=False)
+    assert gpu_auto.activations == gpu_four.activations
 
 
 def test_reward_model_loads_as_a_full_model_or_a_lora_adapter(tmp_path, tiny_model_dir, reward_model_dir):
@@ -248,6 +275,8 @@ def test_reward_model_loads_as_a_full_model_or_a_lora_adapter(tmp_path, tiny_mod
         (["stage=dpo", "pref_loss=orpo", "ref_model=x"], "`ref_model` is not used by stage: dpo with pref_loss: orpo"),
         (["stage=kto", "per_device_train_batch_size=2", "pref_ftx=0.1"], "`pref_ftx` is not used by stage: kto"),
         (["stage=dpo", "packing=true"], "`packing` with stage: dpo"),
+        (["stage=kto", "per_device_train_batch_size=2", "pairs_per_forward=1"], "`pairs_per_forward` is not used"),
+        (["stage=dpo", "per_device_train_batch_size=4", "pairs_per_forward=3"], "must divide"),
         (["stage=grpo"], "needs a reward"),
         (["stage=grpo", "reward_funcs=rewards:fn"], "path/to/file.py:function_name"),
         (["stage=grpo", "reward_funcs=r.py:fn", "num_generations=3"], "a multiple of it"),

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     config = read_run_config(args)
     device = args.device or default_device()
     model_name, shape, source = model_shape(args, config)
-    settings = Settings.from_config(config)
+    settings = Settings.from_config(config, device)
     checkpointing, note = resolve_checkpointing(config.train.gradient_checkpointing, shape, settings, device)
     report = Report(
         model_name=model_name,

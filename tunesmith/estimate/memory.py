@@ -155,7 +155,9 @@ class Settings:
     reference_copy: bool = False  # dpo/kto: a frozen second copy of the model is held (not LoRA, not precomputed)
 
     @classmethod
-    def from_config(cls, config: Any) -> Settings:
+    def from_config(cls, config: Any, device: str) -> Settings:
+        """The settings of `config` run on `device` ("cpu" or "cuda"; pairs_per_forward: auto depends on it)."""
+
         def get(section: str, key: str, default: Any) -> Any:
             return getattr(getattr(config, section, None), key, default)
 
@@ -166,7 +168,9 @@ class Settings:
         uses_reference = stage == "kto" or (stage == "dpo" and loss not in ("orpo", "simpo"))
         separate_reference = get("preference", "ref_model", None) or get("method", "finetuning_type", "lora") != "lora"
         # a pair's chosen and rejected rows go through the model as one batch of twice the rows (rm: see estimate())
-        rows = get("train", "per_device_train_batch_size", 1) * (2 if stage in ("dpo", "orpo", "simpo") else 1)
+        rows = get("train", "per_device_train_batch_size", 1)
+        if stage in ("dpo", "orpo", "simpo"):  # the pairs of one forward pass (pairs_per_forward)
+            rows = 2 * config.preference.pairs_in_one_forward(rows, device)
         return cls(
             reference_copy=bool(uses_reference and separate_reference)
             and get("preference", "precompute_ref_log_probs", False) is not True,
@@ -210,7 +214,9 @@ def estimate_peak_memory(
     ("auto" is the caller's choice between those, see `choose_checkpointing`).
     """
     shape = ModelShape.from_config(model_config)
-    return estimate(shape, Settings.from_config(config), device=device, gradient_checkpointing=gradient_checkpointing)
+    return estimate(
+        shape, Settings.from_config(config, device), device=device, gradient_checkpointing=gradient_checkpointing
+    )
 
 
 def estimated_device(device: str) -> ComputeDevice:

@@ -178,6 +178,33 @@ def load_frozen_model(name: str, adapters: list[str] | None, bits: int | None, c
     return model
 
 
+# ---- the batch
+
+
+def split_into_passes(config: RunConfig, arguments: dict) -> dict:
+    """The TrainingArguments values with each per-device batch run as passes of `pairs_per_forward` pairs.
+
+    TRL's pairwise losses are means over the pairs of a batch and Trainer divides each pass's loss by the passes
+    before the optimizer step, so b pairs in b/k passes of k give the gradient of one pass of b: the same sampler
+    order, optimizer steps, schedule and logged means, with the activations (and padding: a pass is padded to its
+    own longest row) of k pairs instead of b."""
+    import torch
+
+    per_device = config.train.per_device_train_batch_size
+    pairs = config.preference.pairs_in_one_forward(per_device, "cuda" if torch.cuda.is_available() else "cpu")
+    setting = config.preference.pairs_per_forward
+    print(
+        f"pairs_per_forward: {pairs}{' (auto)' if setting == 'auto' else ''}: each batch of {per_device} pair(s) runs "
+        f"as {per_device // pairs} forward/backward pass(es) before the optimizer step, the same gradient"
+    )
+    if pairs == per_device:
+        return arguments
+    return arguments | {
+        "per_device_train_batch_size": pairs,
+        "gradient_accumulation_steps": arguments["gradient_accumulation_steps"] * (per_device // pairs),
+    }
+
+
 # ---- trainers
 
 
@@ -209,7 +236,7 @@ def build_dpo_trainer(loaded: Loaded):
     precompute = decide_precompute(config, loaded.model_dir)
     loss_type, loss_weights = dpo_losses(config)
     args = DPOConfig(
-        **loaded.arguments,
+        **split_into_passes(config, loaded.arguments),
         beta=preference.pref_beta,
         loss_type=loss_type,
         loss_weights=loss_weights,
@@ -237,14 +264,14 @@ def build_reference_free_trainer(loaded: Loaded):
     if config.preference_loss() == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        trainer_class, args = ORPOTrainer, ORPOConfig(**loaded.arguments, **common)
+        trainer_class, args = ORPOTrainer, ORPOConfig(**split_into_passes(config, loaded.arguments), **common)
         print("loss: ORPO (TRL's experimental ORPOTrainer); no reference model")
     else:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         trainer_class = CPOTrainer
         args = CPOConfig(
-            **loaded.arguments,
+            **split_into_passes(config, loaded.arguments),
             **common,
             loss_type="simpo",
             simpo_gamma=preference.simpo_gamma,

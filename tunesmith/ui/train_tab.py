@@ -237,7 +237,7 @@ def memory_estimate(form: dict[str, Any], context: UiContext, lang: str) -> str:
     except TunesmithError as error:
         return f"⚠️ {html.escape(str(error))}"
     device = default_device()
-    settings = Settings.from_config(config)
+    settings = Settings.from_config(config, device)
     checkpointing, _ = resolve_checkpointing(config.train.gradient_checkpointing, shape, settings, device)
     result = estimate(shape, settings, device=device, gradient_checkpointing=checkpointing)
     free = available_memory(device)
