@@ -242,6 +242,8 @@ def estimate(
         settings = replace(settings, batch_size=2 * settings.batch_size)
         shape = replace(shape, tied_embeddings=True)
         notes.append("a reward model: chosen and rejected rows in one batch, a score head instead of the lm_head")
+    if settings.stage in ("dpo", "orpo", "simpo"):
+        notes.append(f"activations of one pass of {settings.batch_size // 2} pair(s) (pairs_per_forward)")
     weight_bytes, act_bytes = kept_dtype_bytes(settings, device)
     weights = base_weight_bytes(shape, settings, weight_bytes, act_bytes, notes)
     training = trainable_terms(shape, settings, weight_bytes)
