@@ -26,11 +26,16 @@ DATA = REPO / "tests" / "fixtures" / "demo_data"
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
-def tunesmith_child(output: str, steps: int, cutoff_len: int, *overrides: str) -> dict:
+def tunesmith_child(output: str, steps: int, cutoff_len: int, *overrides: str, finetuning_type: str = "lora") -> dict:
     """`tunesmith train` as a user runs it (its own process: on a CPU it re-executes with tcmalloc where installed)."""
+    config = REPO / "examples" / "dpo_lora.yaml"
+    if finetuning_type != "lora":  # the example without its LoRA keys, which full training refuses
+        from tests.conftest import example_for
+
+        config = example_for("dpo_lora.yaml", finetuning_type, Path(output).parent)
     args = [
         "train",
-        str(REPO / "examples" / "dpo_lora.yaml"),
+        str(config),
         f"dataset_dir={DATA}",
         f"output_dir={output}",
         f"max_steps={steps}",
@@ -113,9 +118,9 @@ def child(kind: str, output: str, steps: int, cutoff_len: int, result_path: str)
     elif kind == "ours":
         result = tunesmith_child(output, steps, cutoff_len)
     elif kind == "full":
-        result = tunesmith_child(output, steps, cutoff_len, "finetuning_type=full")
+        result = tunesmith_child(output, steps, cutoff_len, finetuning_type="full")
     else:
-        result = tunesmith_child(output, steps, cutoff_len, "finetuning_type=full", "precompute_ref_log_probs=true")
+        result = tunesmith_child(output, steps, cutoff_len, "precompute_ref_log_probs=true", finetuning_type="full")
     result |= {"steps_per_second": steps / result["runtime"], "process_seconds": time.perf_counter() - start}
     Path(result_path).write_text(json.dumps(result))
 
