@@ -240,8 +240,9 @@ class DataSection(Section):
         return self.packing or self.neat_packing
 
 
-# The method keys only one finetuning_type reads (model/adapters.py, train/sft.apply_method, train/trainer.py's
-# LoRA+); the rest (stage, do_train, chunked_loss, neftune_noise_alpha, use_galore) apply to every type.
+# The method keys only one finetuning_type reads (train/sft.apply_method → model/adapters.py; LoRA+ in
+# train/trainer.py); stage, do_train, chunked_loss and neftune_noise_alpha apply to every type, use_galore to full and
+# freeze (checked below), and the galore_* keys to use_galore.
 METHOD_ONLY_KEYS: dict[str, tuple[str, ...]] = {
     "lora": (
         "lora_rank",
