@@ -27,9 +27,7 @@ BASE = [
     f"model_name_or_path={MODEL_ALIAS}",
     "dataset=alpaca_en_demo",
     f"dataset_dir={REPO / 'data'}",
-    "finetuning_type=lora",
-    "lora_target=all",
-    "lora_rank=8",
+    "finetuning_type=lora",  # LoRA r=8 on every linear layer (the defaults; the full row would refuse LoRA keys)
     "cutoff_len=512",
     "per_device_train_batch_size=4",
     "packing=true",

@@ -30,11 +30,18 @@ DATA = REPO / "tests" / "fixtures" / "demo_data"
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
-def tunesmith_child(output: str, steps: int, cutoff_len: int, *overrides: str, example: str = "dpo_lora") -> dict:
+def tunesmith_child(
+    output: str, steps: int, cutoff_len: int, *overrides: str, example: str = "dpo_lora", finetuning_type: str = "lora"
+) -> dict:
     """`tunesmith train` as a user runs it (its own process: on a CPU it re-executes with tcmalloc where installed)."""
+    config = REPO / "examples" / f"{example}.yaml"
+    if finetuning_type != "lora":  # the example without its LoRA keys, which full training refuses
+        from tests.conftest import example_for
+
+        config = example_for(f"{example}.yaml", finetuning_type, Path(output).parent)
     args = [
         "train",
-        str(REPO / "examples" / f"{example}.yaml"),
+        str(config),
         f"dataset_dir={DATA}",
         f"output_dir={output}",
         f"max_steps={steps}",
@@ -121,11 +128,11 @@ DPO_RUNS = {
     ),
     "full": (
         "tunesmith dpo, full, second copy as reference",
-        lambda o, n, c: tunesmith_child(o, n, c, "finetuning_type=full"),
+        lambda o, n, c: tunesmith_child(o, n, c, finetuning_type="full"),
     ),
     "full-precompute": (
         "tunesmith dpo, full, precompute_ref_log_probs",
-        lambda o, n, c: tunesmith_child(o, n, c, "finetuning_type=full", "precompute_ref_log_probs=true"),
+        lambda o, n, c: tunesmith_child(o, n, c, "precompute_ref_log_probs=true", finetuning_type="full"),
     ),
 }
 # every stage's example, LoRA, as shipped but for the steps, cutoff_len and accumulation

@@ -88,6 +88,20 @@ def identity_data(tmp_path) -> Path:
     return data_dir
 
 
+def example_for(name: str, finetuning_type: str, folder: Path) -> Path:
+    """A copy of the LoRA example examples/`name` for another finetuning_type: its LoRA keys left out, which that
+    type would refuse (a key nothing reads is never ignored)."""
+    import yaml
+
+    from tunesmith.config.sections import METHOD_ONLY_KEYS
+
+    values = yaml.safe_load((REPO / "examples" / name).read_text(encoding="utf-8"))
+    kept = {key: value for key, value in values.items() if key not in METHOD_ONLY_KEYS["lora"]}
+    path = folder / f"{finetuning_type}_{name}"
+    path.write_text(yaml.safe_dump({**kept, "finetuning_type": finetuning_type}, sort_keys=False), encoding="utf-8")
+    return path
+
+
 def write_rows(path: Path, rows: list[dict]) -> Path:
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n", encoding="utf-8")
     return path

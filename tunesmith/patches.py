@@ -14,6 +14,8 @@ but it leans on internals all the same, so they are listed here):
   public way to choose the folder; check on every transformers upgrade that `_save_checkpoint` still builds its
   folder as `os.path.join(self._get_output_dir(trial), f"checkpoint-{global_step}")`. Test:
   tests/unit/test_crash_safety.py (the staged write, the SIGKILL resume, the full disk).
+
+Patches: `apply_fsdp_on_cpu_processes` (accelerate), `apply_tokenizer_save_raises_os_errors` (tokenizers).
 """
 
 from __future__ import annotations
@@ -59,3 +61,32 @@ def apply_fsdp_on_cpu_processes() -> None:
 
     AcceleratorState.__init__ = __init__
     _applied.add("fsdp_on_cpu")
+
+
+def apply_tokenizer_save_raises_os_errors() -> None:
+    """Make `tokenizers.Tokenizer.save` (the writer of tokenizer.json) report a failed write as an OSError.
+
+    Why: tokenizers 0.23's `Tokenizer.save` (Rust) turns any I/O error into a bare `Exception` whose only trace of the
+    cause is its text ("No space left on device (os error 28)"). transformers 5.24 calls it for every checkpoint's
+    tokenizer, so a disk that fills there ended the run with a traceback, where a full disk anywhere else in a
+    checkpoint is one DiskFullError line (train/checkpoints.py recognises a full disk by the OSError's errno, never
+    by an error's text). The first checkpoint has no earlier one to measure the room needed against, so the check
+    made before writing cannot catch it.
+
+    What: the tokenizer is serialised in memory by its own `to_str(pretty)` and written by Python, so the write fails
+    with OSError(ENOSPC) like every other file. The bytes are the ones `save` writes (the test compares them).
+
+    Until: tokenizers raises OSError (with errno) for I/O errors in `save`; check on every tokenizers upgrade. Test:
+    tests/unit/test_crash_safety.py (the same bytes; a real ENOSPC while the first checkpoint's tokenizer is written).
+    """
+    if "tokenizer_save" in _applied:
+        return
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    def save(self, path: str, pretty: bool = True) -> None:
+        Path(path).write_bytes(self.to_str(pretty).encode("utf-8"))
+
+    Tokenizer.save = save
+    _applied.add("tokenizer_save")

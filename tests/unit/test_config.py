@@ -179,3 +179,63 @@ def test_eval_strategy_no_survives_yaml_reading_it_as_false():
     assert load_config(None, ["dataset=x", "eval_strategy=no"]).train.eval_strategy == "no"
     with pytest.raises(ConfigError, match="eval_strategy"):
         load_config(None, ["dataset=x", "eval_strategy=true"])
+
+
+# A key each finetuning_type's code reads beside its own: what makes the one-type key read (sft.apply_method).
+ENABLING_KEYS = {
+    "pissa_iter": {"pissa_init": True},
+    "loraplus_lr_embedding": {"loraplus_lr_ratio": 16.0},
+    "create_new_adapter": {"adapter_name_or_path": ["outputs/earlier"]},
+}
+
+
+def method_only_keys() -> list[tuple[str, str]]:
+    from tunesmith.config.sections import METHOD_ONLY_KEYS
+
+    return [(owner, key) for owner, keys in METHOD_ONLY_KEYS.items() for key in keys]
+
+
+@pytest.mark.parametrize(("owner", "key"), method_only_keys())
+def test_a_key_of_another_finetuning_type_is_refused_when_set(owner, key):
+    """Set even to its default value, a key the chosen type never reads is refused (LLaMA-Factory ignores it)."""
+    from tunesmith.config.load import build_config
+    from tunesmith.config.sections import MethodSection
+
+    value = MethodSection().model_dump()[key]
+    for finetuning_type in {"lora", "full", "freeze"} - {owner}:
+        with pytest.raises(ConfigError, match=rf"{key} needs finetuning_type: {owner} \(got {finetuning_type}\); "):
+            build_config({"dataset": ["x"], "finetuning_type": finetuning_type, key: value})
+        # not set: nothing to refuse
+        assert build_config({"dataset": ["x"], "finetuning_type": finetuning_type}).method.finetuning_type
+    config = build_config({"dataset": ["x"], "finetuning_type": owner, key: value, **ENABLING_KEYS.get(key, {})})
+    assert getattr(config.method, key) == value
+
+
+def test_a_pasted_full_config_with_lora_keys_names_them_all_and_the_way_out(tmp_path: Path):
+    path = tmp_path / "full.yaml"
+    path.write_text(
+        "stage: sft\nfinetuning_type: full\nlora_rank: 8  # Not used in full\nlora_target: all\ndataset: x\n"
+    )
+    message = (
+        r"lora_rank, lora_target need finetuning_type: lora \(got full\); remove them, or set finetuning_type: lora"
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+    assert load_config(path, ["finetuning_type=lora"]).method.lora_rank == 8  # a LoRA key with lora still works
+    # the keys every type reads are accepted with full
+    full = load_config(None, ["dataset=x", "finetuning_type=full", "neftune_noise_alpha=5", "chunked_loss=false"])
+    assert (full.method.neftune_noise_alpha, full.method.chunked_loss) == (5, False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["pissa_iter=4"], "pissa_iter is read only with pissa_init: true; remove pissa_iter, or set pissa_init"),
+        (["loraplus_lr_embedding=1e-5"], "loraplus_lr_embedding is read only with loraplus_lr_ratio"),
+        (["finetuning_type=full", "galore_rank=4"], "galore_rank is read only with use_galore: true"),
+        (["create_new_adapter=false"], "`create_new_adapter: false` .* none is set; remove create_new_adapter"),
+    ],
+)
+def test_a_key_whose_switch_is_off_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["dataset=x", *overrides])

@@ -92,6 +92,49 @@ def test_a_full_disk_is_one_clear_error_and_the_earlier_checkpoint_survives(
     assert (output / "checkpoint-1" / "trainer_state.json").is_file()
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, where every write fails with ENOSPC")
+def test_a_full_disk_while_the_first_checkpoint_writes_its_tokenizer_is_one_clear_error(
+    tmp_path, tiny_model_dir, identity_data, monkeypatch, capsys
+):
+    """tokenizer.json of checkpoint-1 is written into /dev/full (a real ENOSPC); tokenizers' own writer reports it as
+    a bare Exception, which would end the run with a traceback (tunesmith/patches.py)."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    save_tokenizer = PreTrainedTokenizerBase.save_pretrained
+
+    def onto_a_full_disk(self, save_directory, *args, **kwargs):
+        if "tmp-checkpoint-1" in str(save_directory):
+            (Path(save_directory) / "tokenizer.json").symlink_to("/dev/full")
+        return save_tokenizer(self, save_directory, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", onto_a_full_disk)
+    assert main(train_args(tmp_path, tiny_model_dir, identity_data, "max_steps=2", "save_steps=1")) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err, err
+    assert "is full" in err and "while writing checkpoint-1; it was the run's first" in err
+    assert "start the run again" in err
+    assert not [p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name]  # no partial folder left
+    assert Path("/dev/full").is_char_device()  # the link was removed, not what it points to
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, where every write fails with ENOSPC")
+def test_the_tokenizer_writer_writes_the_bytes_of_tokenizers_own(tmp_path, tiny_model_dir):
+    """The patch that makes a full disk an OSError writes exactly what tokenizers' Rust writer writes."""
+    from tokenizers import Tokenizer
+
+    from tunesmith.patches import apply_tokenizer_save_raises_os_errors
+
+    source, rust, python = tiny_model_dir / "tokenizer.json", tmp_path / "rust.json", tmp_path / "python.json"
+    code = "import sys; from tokenizers import Tokenizer; Tokenizer.from_file(sys.argv[1]).save(sys.argv[2])"
+    subprocess.run([sys.executable, "-c", code, str(source), str(rust)], check=True)  # unpatched
+    apply_tokenizer_save_raises_os_errors()
+    Tokenizer.from_file(str(source)).save(str(python))
+    assert python.read_bytes() == rust.read_bytes()
+    with pytest.raises(OSError) as error:
+        Tokenizer.from_file(str(source)).save("/dev/full")
+    assert error.value.errno == errno.ENOSPC
+
+
 def can_mount_tmpfs(target: Path) -> bool:
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
         return False

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DEMO_DATA, REPO
+from tests.conftest import DEMO_DATA, REPO, example_for
 from tests.unit.test_distributed import TWO_PROCESSES, needs_deepspeed, run_tunesmith
 from tunesmith.cli import main
 from tunesmith.config import load_config
@@ -19,7 +19,8 @@ def records(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
-def example_args(example: str, model: Path, output: Path, *overrides: str) -> list[str]:
+def example_args(example: str | Path, model: Path, output: Path, *overrides: str) -> list[str]:
+    """`tunesmith train` on examples/`example` (or on the config file `example`, a path), a short run."""
     return [
         "train",
         str(REPO / "examples" / example),
@@ -171,11 +172,12 @@ def test_dpo_on_an_sft_adapter_takes_that_adapter_as_the_reference(tmp_path, tin
 
 
 def test_full_dpo_with_precomputed_reference_log_probs_trains_as_with_a_second_copy(tmp_path, tiny_model_dir, capsys):
-    common = ("finetuning_type=full", "bf16=false", "max_steps=2")
-    assert main([*example_args("dpo_lora.yaml", tiny_model_dir, tmp_path / "copy", *common)]) == 0
+    common = ("bf16=false", "max_steps=2")
+    config = example_for("dpo_lora.yaml", "full", tmp_path)
+    assert main([*example_args(config, tiny_model_dir, tmp_path / "copy", *common)]) == 0
     assert "reference: a second, frozen copy" in capsys.readouterr().out
     precomputed = ("precompute_ref_log_probs=true",)
-    assert main([*example_args("dpo_lora.yaml", tiny_model_dir, tmp_path / "pre", *common, *precomputed)]) == 0
+    assert main([*example_args(config, tiny_model_dir, tmp_path / "pre", *common, *precomputed)]) == 0
     assert "computed once, no second copy" in capsys.readouterr().out
     for copy, pre in zip(records(tmp_path / "copy"), records(tmp_path / "pre"), strict=True):
         for name in ("loss", "rewards/chosen", "rewards/rejected"):
@@ -411,7 +413,9 @@ def test_freeze_dpo_trains_only_the_last_layers(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     output = tmp_path / "out"
-    args = example_args("dpo_lora.yaml", tiny_model_dir, output, "finetuning_type=freeze", "freeze_trainable_layers=1")
+    args = example_args(
+        example_for("dpo_lora.yaml", "freeze", tmp_path), tiny_model_dir, output, "freeze_trainable_layers=1"
+    )
     assert main(args) == 0
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     after = AutoModelForCausalLM.from_pretrained(output).state_dict()

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import DEMO_DATA, REPO
+from tests.conftest import DEMO_DATA, REPO, example_for
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.errors import ConfigError
@@ -23,7 +23,8 @@ CONVERSATION = [
 SHORT_RUN = ["max_steps=3", "logging_steps=1", "per_device_train_batch_size=2", "gradient_accumulation_steps=1"]
 
 
-def run_example(name: str, model: Path, output: Path, *overrides: str) -> Path:
+def run_example(name: str | Path, model: Path, output: Path, *overrides: str) -> Path:
+    """A short `tunesmith train` run of examples/`name` (or of the config file `name`, a path)."""
     args = [f"model_name_or_path={model}", f"dataset_dir={DEMO_DATA}", f"output_dir={output}", "cutoff_len=128"]
     assert main(["train", str(REPO / "examples" / name), *args, *SHORT_RUN, *overrides]) == 0
     return output
@@ -152,7 +153,8 @@ def test_chat_refuses_a_reward_model(reward_adapter, capsys):
 def test_rm_full_model_scores_with_plain_transformers(tmp_path, tiny_model_dir, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    output = run_example("rm_lora.yaml", tiny_model_dir, tmp_path / "full", "finetuning_type=full", "max_steps=1")
+    config = example_for("rm_lora.yaml", "full", tmp_path)
+    output = run_example(config, tiny_model_dir, tmp_path / "full", "max_steps=1")
     model = AutoModelForSequenceClassification.from_pretrained(output).eval()
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
     tokenizer = AutoTokenizer.from_pretrained(output)

@@ -152,9 +152,8 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, tin
 def test_full_and_freeze_save_a_normal_model_directory(tmp_path, tiny_model_dir, identity_data, method):
     from transformers import AutoModelForCausalLM
 
-    output = train(
-        tmp_path, tiny_model_dir, identity_data, f"finetuning_type={method}", "freeze_trainable_layers=1", "max_steps=2"
-    )
+    layers = ["freeze_trainable_layers=1"] if method == "freeze" else []  # full refuses the freeze key
+    output = train(tmp_path, tiny_model_dir, identity_data, f"finetuning_type={method}", *layers, "max_steps=2")
     trained = AutoModelForCausalLM.from_pretrained(output)
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     changed = {

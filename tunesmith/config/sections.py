@@ -240,6 +240,36 @@ class DataSection(Section):
         return self.packing or self.neat_packing
 
 
+# The method keys only one finetuning_type reads (train/sft.apply_method → model/adapters.py; LoRA+ in
+# train/trainer.py); stage, do_train, chunked_loss and neftune_noise_alpha apply to every type, use_galore to full and
+# freeze (checked below), and the galore_* keys to use_galore.
+METHOD_ONLY_KEYS: dict[str, tuple[str, ...]] = {
+    "lora": (
+        "lora_rank",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target",
+        "use_dora",
+        "use_rslora",
+        "pissa_init",
+        "pissa_iter",
+        "loraplus_lr_ratio",
+        "loraplus_lr_embedding",
+        "additional_target",
+        "create_new_adapter",
+    ),
+    "freeze": ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
+}
+GALORE_KEYS = (
+    "galore_target",
+    "galore_rank",
+    "galore_update_interval",
+    "galore_scale",
+    "galore_proj_type",
+    "galore_layerwise",
+)
+
+
 class MethodSection(Section):
     stage: Literal["sft", "pt", "rm", "ppo", "dpo", "kto", "orpo", "simpo", "grpo"] = Field(
         "sft",
@@ -334,14 +364,29 @@ class MethodSection(Section):
     )(_split_list)
 
     @model_validator(mode="after")
-    def _lora_options_need_lora(self) -> MethodSection:
-        lora_only = sorted(
-            name
-            for name in ("use_dora", "use_rslora", "pissa_init", "loraplus_lr_ratio", "additional_target")
-            if getattr(self, name)
-        )
-        if lora_only and self.finetuning_type != "lora":
-            raise ValueError(f"{', '.join(lora_only)} needs finetuning_type: lora (got {self.finetuning_type})")
+    def _set_keys_are_read(self) -> MethodSection:
+        """A key set for another finetuning_type, or for a switch left off, is refused: nothing would read it."""
+        given = self.model_fields_set
+        for finetuning_type, keys in METHOD_ONLY_KEYS.items():
+            unread = [key for key in keys if key in given]
+            if unread and self.finetuning_type != finetuning_type:
+                raise ValueError(
+                    f"{', '.join(unread)} {'needs' if len(unread) == 1 else 'need'} finetuning_type: "
+                    f"{finetuning_type} (got {self.finetuning_type}); remove {'it' if len(unread) == 1 else 'them'}, "
+                    f"or set finetuning_type: {finetuning_type}"
+                )
+        switches = {
+            "pissa_iter": ("pissa_init: true", self.pissa_init),
+            "loraplus_lr_embedding": ("loraplus_lr_ratio", self.loraplus_lr_ratio is not None),
+            **{key: ("use_galore: true", self.use_galore) for key in GALORE_KEYS},
+        }
+        for key, (switch, on) in switches.items():
+            if key in given and not on:
+                raise ValueError(f"{key} is read only with {switch}; remove {key}, or set {switch}")
+        return self
+
+    @model_validator(mode="after")
+    def _method_options_agree(self) -> MethodSection:
         if self.use_galore and self.finetuning_type == "lora":
             raise ValueError(
                 "use_galore projects the gradients of full weights; use finetuning_type: full or freeze, not lora"
@@ -1067,8 +1112,11 @@ class RunConfig(BaseModel):
         """adapter_name_or_path / create_new_adapter: the combinations LLaMA-Factory also refuses, with the reason."""
         adapters, method = self.model.adapter_name_or_path, self.method
         if not adapters:
-            if method.create_new_adapter:
-                raise ValueError("`create_new_adapter: true` merges the adapters of adapter_name_or_path: none is set")
+            if "create_new_adapter" in method.model_fields_set:
+                raise ValueError(
+                    f"`create_new_adapter: {str(method.create_new_adapter).lower()}` says what happens to the adapters "
+                    "of adapter_name_or_path: none is set; remove create_new_adapter"
+                )
             return
         output_dir = Path(self.output.output_dir).expanduser().resolve()
         if any(Path(adapter).expanduser().resolve() == output_dir for adapter in adapters):

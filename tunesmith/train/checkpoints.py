@@ -97,14 +97,18 @@ def write_checkpoint(
     try:
         written = write(staging)
         finish(written)
-    except (OSError, RuntimeError, SafetensorError) as error:  # a failed write: open/json, torch.save, safetensors
+    except (OSError, RuntimeError, SafetensorError) as error:  # open/json and the tokenizer, torch.save, safetensors
         if not disk_is_full(output_dir, error):
             raise
         shutil.rmtree(staging, ignore_errors=True)
         free = shutil.disk_usage(output_dir).free
+        if list_checkpoints(output_dir):
+            kept, then = "the earlier checkpoints are intact", RESUME
+        else:
+            kept, then = "it was the run's first, so there is none to resume from", "start the run again"
         raise DiskFullError(
             f"the disk holding {output_dir} is full ({free / 2**20:.0f} MiB free) while writing checkpoint-{step}; "
-            f"the earlier checkpoints are intact. {FREE_SOME_SPACE}"
+            f"{kept}. {FREE_SOME_SPACE} and {then}"
         ) from error
     if not publish:
         return
@@ -117,17 +121,15 @@ def write_checkpoint(
             staging.rmdir()
 
 
-FREE_SOME_SPACE = (
-    "Free some space (or lower save_total_limit, or set save_only_model: true for smaller checkpoints) and continue "
-    "with resume_from_checkpoint=true"
-)
+FREE_SOME_SPACE = "Free some space (or lower save_total_limit, or set save_only_model: true for smaller checkpoints)"
+RESUME = "continue with resume_from_checkpoint=true"
 
 
 def check_room_for_checkpoint(output_dir: Path, step: int) -> None:
     """Refuse before writing when the disk cannot hold another checkpoint the size of the newest one.
 
-    Failed writes are recognised too (`disk_is_full`), but not every writer says why it failed: the tokenizer's
-    (Rust) save raises a bare Exception. Checking first keeps the usual case, a disk filling up over a run, one line.
+    Failed writes are recognised too (`disk_is_full`; the tokenizer's Rust writer is made to raise OSError by
+    tunesmith/patches.py), but checking first stops the usual case, a disk filling up over a run, before a write.
     """
     checkpoints = list_checkpoints(output_dir)
     if not checkpoints:
@@ -138,7 +140,7 @@ def check_room_for_checkpoint(output_dir: Path, step: int) -> None:
         raise DiskFullError(
             f"the disk holding {output_dir} has {free / 2**20:.1f} MiB free, too little for checkpoint-{step} "
             f"({checkpoints[-1].name} took {needed / 2**20:.1f} MiB); the earlier checkpoints are intact. "
-            f"{FREE_SOME_SPACE}"
+            f"{FREE_SOME_SPACE} and {RESUME}"
         )
 
 

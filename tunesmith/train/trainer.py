@@ -28,6 +28,7 @@ from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from tunesmith.patches import apply_tokenizer_save_raises_os_errors
 from tunesmith.train import loss
 from tunesmith.train.checkpoints import write_checkpoint, write_fingerprint
 
@@ -60,6 +61,7 @@ class WholeCheckpoints:
                 write_fingerprint(folder, self.checkpoint_fingerprint)
 
         output_dir = Path(self.args.output_dir)
+        apply_tokenizer_save_raises_os_errors()  # a full disk while the tokenizer is written: DiskFullError too
         write_checkpoint(output_dir, step, write, finish, publish=self.args.should_save)
         if self.args.should_save:  # Trainer rotated inside the temporary folder; the real ones rotate here
             rotate_checkpoints(str(output_dir), self.args.save_total_limit, self.state.best_model_checkpoint)
