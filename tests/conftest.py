@@ -103,9 +103,11 @@ def logged_losses(output: Path) -> list[float]:
 
 
 def at_once(*calls: Callable[[], Result]) -> list[Result]:
-    """What each call returns, the calls run at the same time (a thread each), for independent `tunesmith` commands
-    run as subprocesses: each spends seconds importing libraries on one core, so on two cores two of them take about
-    as long as one. An exception in a call is raised here, after all of them have ended."""
-    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-        futures = [pool.submit(call) for call in calls]
-        return [future.result() for future in futures]
+    """What each call returns, the calls run at the same time, for independent `tunesmith` commands run as
+    subprocesses: each spends seconds importing libraries on one core, so on two cores two of them take about as long
+    as one. The first call runs in this thread (an in-process `main()` sets signal handlers, which only the main
+    thread may), the others in a thread each. An exception in a call is raised here, after all of them have ended."""
+    with ThreadPoolExecutor(max_workers=max(1, len(calls) - 1)) as pool:
+        others = [pool.submit(call) for call in calls[1:]]
+        first = calls[0]()
+        return [first, *(future.result() for future in others)]
