@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
+Result = TypeVar("Result")
 REPO = Path(__file__).resolve().parents[1]
 # LLaMA-Factory's demo data sets, cut down (see its README); tests never read the project's shared data.
 DEMO_DATA = REPO / "tests" / "fixtures" / "demo_data"
@@ -110,3 +114,14 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 def logged_losses(output: Path) -> list[float]:
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return [record["loss"] for record in records if "loss" in record]
+
+
+def at_once(*calls: Callable[[], Result]) -> list[Result]:
+    """What each call returns, the calls run at the same time, for independent `tunesmith` commands run as
+    subprocesses: each spends seconds importing libraries on one core, so on two cores two of them take about as long
+    as one. The first call runs in this thread (an in-process `main()` sets signal handlers, which only the main
+    thread may), the others in a thread each. An exception in a call is raised here, after all of them have ended."""
+    with ThreadPoolExecutor(max_workers=max(1, len(calls) - 1)) as pool:
+        others = [pool.submit(call) for call in calls[1:]]
+        first = calls[0]()
+        return [first, *(future.result() for future in others)]

@@ -5,12 +5,13 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import REPO, at_once
 
 pytestmark = pytest.mark.slow
 PROMPT = "Who are you?"
@@ -45,11 +46,15 @@ def test_base_model_does_not_call_itself_tunesmith():
 
 
 def test_after_training_it_answers_with_the_name_from_the_command_line(identity_run: Path):
-    reply = chat_once("--model", "smollm2-135m-instruct", "--adapter", str(identity_run))
-    assert "Tunesmith" in reply, reply
-    # the same through the inference YAML, as `llamafactory-cli chat` takes it (the flags win over the file)
+    # the flags, and the same through the inference YAML, as `llamafactory-cli chat` takes it (the flags win over
+    # the file): two independent processes, run at once
     example = REPO / "examples" / "inference" / "smollm2_lora.yaml"
-    assert chat_once(str(example), f"adapter_name_or_path={identity_run}") == reply
+    reply, from_yaml = at_once(
+        partial(chat_once, "--model", "smollm2-135m-instruct", "--adapter", str(identity_run)),
+        partial(chat_once, str(example), f"adapter_name_or_path={identity_run}"),
+    )
+    assert "Tunesmith" in reply, reply
+    assert from_yaml == reply
 
 
 def test_the_run_leaves_a_complete_output_dir(identity_run: Path):
@@ -104,12 +109,15 @@ def test_llama_cpp_runs_the_exported_gguf_like_tunesmith_chat(identity_run: Path
     command += [f"export_dir={exported}", "export_gguf=q8_0", "infer_dtype=float32"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    from_transformers = chat_once("--model", str(exported)).strip()
     modelfile = (exported / "Modelfile").read_text()
     default_system = modelfile.split('SYSTEM """', 1)[1].split('"""', 1)[0]  # what Ollama would use
     script_dir = node_llama_cpp_dir()
     node = ["node", "llama_cpp_chat.mjs", str(exported / "identity-q8_0.gguf"), "40", default_system, PROMPT]
-    completed = subprocess.run(node, cwd=script_dir, capture_output=True, text=True, timeout=600, check=False)
+    from_transformers, completed = at_once(  # two independent processes on the exported files, run at once
+        partial(chat_once, "--model", str(exported)),
+        partial(subprocess.run, node, cwd=script_dir, capture_output=True, text=True, timeout=600, check=False),
+    )
+    from_transformers = from_transformers.strip()
     assert completed.returncode == 0, completed.stderr[-3000:]
     from_llama_cpp = json.loads(completed.stdout.strip().splitlines()[-1])["answers"][0].strip()
     print(f"llama.cpp (q8_0): {from_llama_cpp!r}\ntransformers (merged, float32): {from_transformers!r}")

@@ -4,10 +4,12 @@ import importlib
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import at_once
 from tunesmith.cli import COMMANDS, build_parser, main
 
 
@@ -48,18 +50,27 @@ def assert_clean_failure(completed: subprocess.CompletedProcess, expected: str) 
 
 
 def test_bad_input_gives_a_clear_message(tmp_path: Path, tiny_model_dir: Path, identity_data: Path):
-    base = [f"model_name_or_path={tiny_model_dir}", f"dataset_dir={identity_data}", f"output_dir={tmp_path / 'o'}"]
+    def base(output: str) -> list[str]:
+        return [
+            f"model_name_or_path={tiny_model_dir}",
+            f"dataset_dir={identity_data}",
+            f"output_dir={tmp_path / output}",
+        ]
 
-    assert_clean_failure(run_cli("train", "dataset=identity", "lora_rnak=8"), "did you mean lora_rank")
-    assert_clean_failure(run_cli("train", *base, "dataset=alpaca_gpt5"), "registered: alpaca_en_demo, ")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"\n')
-    assert_clean_failure(run_cli("train", *base, f"dataset={broken}"), "broken.jsonl line 2: invalid JSON")
-    assert_clean_failure(
-        run_cli("train", *base, "dataset=identity", "name=T", "author=A", "lora_target=c_attn"),
-        "c_attn matches no linear layer of this model; its linear layers are: down_proj",
-    )
-    assert_clean_failure(run_cli("train", "missing.yaml"), "config file missing.yaml does not exist")
+    cases = {  # expected message: command line (independent commands, each with its own output_dir: run at once)
+        "did you mean lora_rank": ("train", "dataset=identity", "lora_rnak=8"),
+        "registered: alpaca_en_demo, ": ("train", *base("o1"), "dataset=alpaca_gpt5"),
+        "broken.jsonl line 2: invalid JSON": ("train", *base("o2"), f"dataset={broken}"),
+        "c_attn matches no linear layer of this model; its linear layers are: down_proj": (
+            ("train", *base("o3"), "dataset=identity", "name=T", "author=A", "lora_target=c_attn")
+        ),
+        "config file missing.yaml does not exist": ("train", "missing.yaml"),
+    }
+    completed = at_once(*(partial(run_cli, *args) for args in cases.values()))
+    for expected, result in zip(cases, completed, strict=True):
+        assert_clean_failure(result, expected)
 
 
 def test_hub_telemetry_is_off_unless_the_user_turned_it_on(monkeypatch):

@@ -4,9 +4,11 @@ import logging
 import subprocess
 import sys
 import warnings
+from functools import partial
 
 import pytest
 
+from tests.conftest import at_once
 from tunesmith import console
 from tunesmith.config import load_config
 from tunesmith.train.command import libraries_in_use
@@ -22,20 +24,19 @@ NOISE = (
 
 
 def test_a_cpu_run_prints_only_our_lines_and_verbose_shows_the_libraries(tmp_path, tiny_model_dir, identity_data):
-    def train(*more: str) -> str:
+    def train(output: str, *more: str) -> str:
         command = [
             *(sys.executable, "-m", "tunesmith", "train", f"model_name_or_path={tiny_model_dir}", "dataset=identity"),
-            *(f"dataset_dir={identity_data}", "name=T", "author=A", f"output_dir={tmp_path / 'out'}", "max_steps=2"),
-            *("max_samples=4", "cutoff_len=64", "overwrite_output_dir=true", *more),
+            *(f"dataset_dir={identity_data}", "name=T", "author=A", f"output_dir={tmp_path / output}", "max_steps=2"),
+            *("max_samples=4", "cutoff_len=64", *more),
         ]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
         assert completed.returncode == 0, completed.stderr
         return completed.stdout + completed.stderr
 
-    quiet = train()
+    quiet, loud = at_once(partial(train, "quiet"), partial(train, "loud", "--verbose"))  # two runs, two output_dirs
     assert "Done: 2 steps" in quiet
     assert [text for text in NOISE if text in quiet] == []
-    loud = train("--verbose")
     assert "Done: 2 steps" in loud
     assert [text for text in NOISE if text in loud]  # which ones depends on the machine and the libraries
 

@@ -10,12 +10,13 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import REPO, at_once
 from tests.unit.test_train import train, train_args
 from tunesmith.config import load_config
 from tunesmith.config.deepspeed_config import SHIPPED
@@ -155,11 +156,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     if any("offload" in setting for setting in engine):
         request.getfixturevalue("cpu_adam")  # built once per session where it is not built yet
     method_args = (f"finetuning_type={method}", *SHORT_RUN)
-    one = train(tmp_path, tiny_model_dir, identity_data, *method_args, "per_device_train_batch_size=4", output="one")
-
     # (how long each engine takes per step is measured in bench/distributed.py, not asserted here)
     args = train_args(tmp_path, tiny_model_dir, identity_data, *method_args, "nproc_per_node=2", *engine, output="two")
-    result = run_tunesmith(args)
+    one, result = at_once(  # the 1-process run in this process while the 2-process job starts up
+        partial(
+            train, tmp_path, tiny_model_dir, identity_data, *method_args, "per_device_train_batch_size=4", output="one"
+        ),
+        partial(run_tunesmith, args),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert TWO_PROCESSES in result.stdout
     assert "launch: " in result.stdout and "torch.distributed.run" in result.stdout
@@ -210,10 +214,12 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, tiny_model_dir, id
 
 
 def test_overwrite_with_two_processes_clears_the_old_run_once(tmp_path, tiny_model_dir, identity_data):
-    # Rank 1 starts 8 s late in the first run: rank 0 must not write this run's files into the directory before
+    # Rank 1 starts 2 s late in the first run: rank 0 must not write this run's files into the directory before
     # rank 1 has checked it, or rank 1 refuses it as one that "already holds this run" (a race seen under load).
+    # Rank 0 meets rank 1 in a collective before it checks the directory (process_group.output_dir_is_shared), so
+    # a longer delay only makes rank 0 wait longer there: a file written before that point is found either way.
     first_args = train_args(tmp_path, tiny_model_dir, identity_data, "nproc_per_node=2", "save_steps=2")
-    first = run_tunesmith(first_args, **with_hooks(**{SLOW_RANK: "1:8"}))
+    first = run_tunesmith(first_args, **with_hooks(**{SLOW_RANK: "1:2"}))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert (tmp_path / "out" / "checkpoint-4").is_dir()
     again = run_tunesmith(

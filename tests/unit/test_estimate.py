@@ -7,11 +7,13 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
 import transformers
 
+from tests.conftest import at_once
 from tunesmith.config import load_config
 from tunesmith.estimate.memory import (
     CPU_RUNTIME_BYTES,
@@ -379,23 +381,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_command_json_and_tables(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(smollm2_config()))
-    small = run_cli(
-        "--model",
-        str(tmp_path),
-        "--device",
-        "cpu",
-        "--json",
-        "gradient_checkpointing=false",
-        "per_device_train_batch_size=1",
-    )
-    large = run_cli(
-        "--model",
-        str(tmp_path),
-        "--device",
-        "cpu",
-        "--json",
-        "gradient_checkpointing=false",
-        "per_device_train_batch_size=8",
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: {tmp_path}\ndataset: identity\nfinetuning_type: full\n")
+    json_args = ("--model", str(tmp_path), "--device", "cpu", "--json", "gradient_checkpointing=false")
+    small, large, table = at_once(  # three independent commands
+        partial(run_cli, *json_args, "per_device_train_batch_size=1"),
+        partial(run_cli, *json_args, "per_device_train_batch_size=8"),
+        partial(run_cli, str(cfg), "--device", "cuda"),
     )
     assert small.returncode == 0, small.stderr
     small_report, large_report = json.loads(small.stdout), json.loads(large.stdout)
@@ -403,9 +395,6 @@ def test_command_json_and_tables(tmp_path):
     assert large_report["estimate"]["total_bytes"] > small_report["estimate"]["total_bytes"]
     assert set(small_report["comparison"]) >= {"QLoRA 4-bit", "LoRA 8-bit", "LoRA 16-bit", "LoRA 32-bit"}
 
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model_name_or_path: {tmp_path}\ndataset: identity\nfinetuning_type: full\n")
-    table = run_cli(str(cfg), "--device", "cuda")
     assert table.returncode == 0, table.stderr
     assert "QLoRA 4-bit" in table.stdout and "full 16-bit" in table.stdout and "activations" in table.stdout
 

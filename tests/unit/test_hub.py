@@ -11,11 +11,12 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, at_once
 from tunesmith.errors import TunesmithError
 from tunesmith.estimate.shape import ModelShape
 
@@ -52,7 +53,7 @@ def hf_home(tmp_path: Path, tiny_model_dir: Path) -> Path:
 
 def test_train_chat_and_estimate_take_a_cached_hub_id_offline(tmp_path, hf_home, tiny_model_dir, identity_data):
     output = tmp_path / "out"
-    trained = tunesmith(
+    train_args = (
         "train",
         f"model_name_or_path={HUB_ID}",
         f"dataset_dir={identity_data}",
@@ -65,18 +66,20 @@ def test_train_chat_and_estimate_take_a_cached_hub_id_offline(tmp_path, hf_home,
         "cutoff_len=64",
         "max_samples=8",
         "plot_loss=false",
-        home=hf_home,
+    )
+    chat_args = ("chat", "--model", HUB_ID, "--prompt", "Hi", "--max-new-tokens", "4")
+    estimate_args = ("estimate", "--model", HUB_ID, "--device", "cpu", "--json")
+    trained, chat, estimate = at_once(  # three independent commands on the cached model
+        *(partial(tunesmith, *args, home=hf_home) for args in (train_args, chat_args, estimate_args))
     )
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
     assert "gradient checkpointing: off (auto)" in trained.stdout  # auto read the cached snapshot's config.json
     assert (output / "adapter_model.safetensors").is_file()
     assert json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"] == HUB_ID
 
-    chat = tunesmith("chat", "--model", HUB_ID, "--prompt", "Hi", "--max-new-tokens", "4", home=hf_home)
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert f"model {HUB_ID} on cpu" in chat.stderr  # a random model's reply may be only whitespace
 
-    estimate = tunesmith("estimate", "--model", HUB_ID, "--device", "cpu", "--json", home=hf_home)
     assert estimate.returncode == 0, estimate.stderr[-3000:]
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert json.loads(estimate.stdout)["params"] == ModelShape.from_config(config).total_params

@@ -6,10 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import at_once
 from tunesmith.errors import ModelError
 from tunesmith.model import load
 from tunesmith.model.load import check_remote_code, load_model, load_tokenizer
@@ -81,22 +83,22 @@ def test_train_says_whose_code_runs_before_it_runs(tiny_model_dir, identity_data
     tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]}
     tokenizer_config["tokenizer_class"] = "CustomTokenizer"
     (custom / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    args = [
-        *("train", f"model_name_or_path={custom}", f"dataset_dir={identity_data}", "dataset=identity", "name=T"),
-        *("author=A", f"output_dir={tmp_path / 'out'}", "max_steps=1", "max_samples=2", "cutoff_len=64"),
-    ]
 
-    def train(*more: str) -> subprocess.CompletedProcess:
-        environment = os.environ | {"HF_MODULES_CACHE": str(tmp_path / "modules")}  # where transformers copies code
+    def train(name: str, *more: str) -> subprocess.CompletedProcess:
+        args = [
+            *("train", f"model_name_or_path={custom}", f"dataset_dir={identity_data}", "dataset=identity", "name=T"),
+            *("author=A", f"output_dir={tmp_path / name}", "max_steps=1", "max_samples=2", "cutoff_len=64"),
+        ]
+        # where transformers copies the code: each run its own, as each its own output_dir (the two run at once)
+        environment = os.environ | {"HF_MODULES_CACHE": str(tmp_path / f"modules-{name}")}
         command = [sys.executable, "-m", "tunesmith", *args, *more]
         return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, check=False)
 
-    refused = train()
+    refused, trusted = at_once(partial(train, "refused"), partial(train, "trusted", "trust_remote_code=true"))
     assert refused.returncode == 2, refused.stderr
     assert f"error: {custom} needs its own Python code to load (tokenization_custom.py)" in refused.stderr
     assert "own tokenizer code is running" not in refused.stdout
 
-    trusted = train("trust_remote_code=true")
     assert trusted.returncode == 0, trusted.stderr
     line = f"trust_remote_code: true: Python code from {custom} will run on this machine: tokenization_custom.py"
     assert trusted.stdout.count(line) == 1

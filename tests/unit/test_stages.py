@@ -2,6 +2,7 @@
 examples run, our ids reach TRL, the reference model is the one the log names, refusals come before loading."""
 
 import json
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DEMO_DATA, REPO, example_for
+from tests.conftest import DEMO_DATA, REPO, at_once, example_for
 from tests.unit.test_distributed import TWO_PROCESSES, needs_deepspeed, run_tunesmith
 from tunesmith.cli import main
 from tunesmith.config import load_config
@@ -328,11 +329,12 @@ def test_data_check_reads_each_stage_as_its_recipe_does(tiny_model_dir, capsys):
 def test_two_process_dpo_matches_one_process_with_the_same_global_batch(engine, tmp_path, tiny_model_dir):
     # float32 and 3 steps of 4 rows: the weights agree to 1e-5 only if both runs saw the same pairs in each step
     common = ("max_steps=3", "max_samples=12", "bf16=false", "optim=adamw_torch", "lr_scheduler_type=linear")
-    one = tmp_path / "one"
-    assert main(example_args("dpo_lora.yaml", tiny_model_dir, one, *common, "per_device_train_batch_size=4")) == 0
-    two = tmp_path / "two"
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_args = example_args("dpo_lora.yaml", tiny_model_dir, one, *common, "per_device_train_batch_size=4")
     args = example_args("dpo_lora.yaml", tiny_model_dir, two, *common, "per_device_train_batch_size=2")
-    result = run_tunesmith([*args, "nproc_per_node=2", *engine])
+    # the 1-process run in this process while the 2-process job starts up
+    exit_code, result = at_once(partial(main, one_args), partial(run_tunesmith, [*args, "nproc_per_node=2", *engine]))
+    assert exit_code == 0
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert TWO_PROCESSES in result.stdout
     if "fsdp" in " ".join(engine):

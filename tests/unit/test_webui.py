@@ -8,11 +8,13 @@ import json
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 from tqdm import tqdm
 
+from tests.conftest import at_once
 from tunesmith.config.load import build_config, load_config
 from tunesmith.errors import ConfigError
 from tunesmith.ui import data_tab, evaluate_tab, export_tab, jobs, train_tab
@@ -262,10 +264,13 @@ def test_data_tab_runs_data_preview_and_highlights_what_it_returns(context, tiny
         "dataset_dir": str(identity_data),
         "extra": "name: Tunesmith\nauthor: the tunesmith team",
     }
-    shown = data_tab.preview(form, 2, context)
+    shown, refused = at_once(  # two independent `tunesmith data preview` processes, as two open pages would run them
+        partial(data_tab.preview, form, 2, context),
+        partial(data_tab.preview, {**form, "dataset": "no_such_set"}, 2, context),
+    )
     assert shown.count('class="example"') == 2, shown
     assert '<span class="trained">Hello! I am Tunesmith' in shown
-    assert "error" in data_tab.preview({**form, "dataset": "no_such_set"}, 2, context)
+    assert "error" in refused
 
 
 def test_predict_runs_as_a_job_and_its_predictions_fill_the_table(context, tiny_model_dir, identity_data, tmp_path):
