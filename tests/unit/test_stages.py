@@ -191,7 +191,7 @@ def test_full_dpo_with_precomputed_reference_log_probs_trains_as_with_a_second_c
 
 def test_dpo_batch_in_passes_of_one_pair_gives_the_gradient_of_one_pass(tmp_path, tiny_model_dir, capsys):
     """pairs_per_forward: auto (1 on a CPU) against the whole batch of 4 in one pass, as TRL runs it: float32, the
-    same weights after 2 steps and the same logged rewards."""
+    same weights after 2 steps and the same logged loss, gradient norm (a wrong scale would show) and rewards."""
     common = ("max_steps=2", "max_samples=8", "bf16=false", "per_device_train_batch_size=4", "warmup_ratio=0")
     assert main(example_args("dpo_lora.yaml", tiny_model_dir, tmp_path / "one", *common, "pairs_per_forward=4")) == 0
     assert "runs as 1 forward/backward pass(es)" in capsys.readouterr().out
@@ -202,7 +202,7 @@ def test_dpo_batch_in_passes_of_one_pair_gives_the_gradient_of_one_pass(tmp_path
     assert max((expected[name] - got[name]).abs().max().item() for name in expected) <= 1e-5
     assert max(tensor.abs().max().item() for name, tensor in got.items() if "lora_B" in name) > 1e-3
     for one, passes in zip(records(tmp_path / "one"), records(tmp_path / "passes"), strict=True):
-        for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"):
+        for name in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies"):
             if name in one:
                 assert one[name] == pytest.approx(passes[name], abs=1e-5), name
 
