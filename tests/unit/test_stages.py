@@ -212,9 +212,9 @@ def test_memory_estimate_counts_the_reference_copy_unless_precomputed(tiny_model
 
     model_config = json.loads((tiny_model_dir / "config.json").read_text())
 
-    def estimate(*overrides: str):
+    def estimate(*overrides: str, device: str = "cpu"):
         config = load_config(None, ["dataset=dpo_en_demo", "bf16=false", *overrides])
-        return estimate_peak_memory(config, model_config, device="cpu", gradient_checkpointing=False)
+        return estimate_peak_memory(config, model_config, device=device, gradient_checkpointing=False)
 
     sft = estimate("stage=sft", "finetuning_type=full")
     dpo = estimate("stage=dpo", "finetuning_type=full")
@@ -230,11 +230,8 @@ def test_memory_estimate_counts_the_reference_copy_unless_precomputed(tiny_model
     # pairs_per_forward: auto holds one pair's activations on a CPU and the whole batch's on a GPU
     four = ("stage=dpo", "per_device_train_batch_size=4")
     assert estimate(*four).activations == lora.activations < estimate(*four, "pairs_per_forward=4").activations
-    on_gpu = load_config(None, ["dataset=dpo_en_demo", "bf16=false", *four])
-    gpu_auto = estimate_peak_memory(on_gpu, model_config, device="cuda", gradient_checkpointing=False)
-    on_gpu = load_config(None, ["dataset=dpo_en_demo", "bf16=false", *four, "pairs_per_forward=4"])
-    gpu_four = estimate_peak_memory(on_gpu, model_config, device="cuda", gradient_checkpointing=False)
-    assert gpu_auto.activations == gpu_four.activations
+    on_gpu = estimate(*four, device="cuda").activations
+    assert on_gpu == estimate(*four, "pairs_per_forward=4", device="cuda").activations
 
 
 def test_reward_model_loads_as_a_full_model_or_a_lora_adapter(tmp_path, tiny_model_dir, reward_model_dir):

@@ -22,6 +22,7 @@ from tunesmith.config.sections import REFERENCE_FREE_LOSSES
 from tunesmith.data.dataset import load_data
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.errors import DataError
+from tunesmith.model.precision import detect_device
 from tunesmith.train.sft import TrainResult
 from tunesmith.train.trainer import WholeCheckpoints
 from tunesmith.train.trl_stage import (
@@ -133,11 +134,9 @@ def decide_precompute(config: RunConfig, model_dir: str) -> bool:
     if config.method.finetuning_type == "lora" and not config.preference.ref_model:
         print("precompute_ref_log_probs: off (auto): LoRA's reference is the base model, no second copy is loaded")
         return False
-    import torch
-
     from tunesmith.estimate.memory import auto_precompute
 
-    enabled, reason = auto_precompute(config, model_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    enabled, reason = auto_precompute(config, model_dir, detect_device().type)
     print(f"precompute_ref_log_probs: {reason}")
     return enabled
 
@@ -188,10 +187,8 @@ def split_into_passes(config: RunConfig, arguments: dict) -> dict:
     before the optimizer step, so b pairs in b/k passes of k give the gradient of one pass of b: the same sampler
     order, optimizer steps, schedule and logged means, with the activations (and padding: a pass is padded to its
     own longest row) of k pairs instead of b."""
-    import torch
-
     per_device = config.train.per_device_train_batch_size
-    pairs = config.preference.pairs_in_one_forward(per_device, "cuda" if torch.cuda.is_available() else "cpu")
+    pairs = config.preference.pairs_in_one_forward(per_device, detect_device().type)
     setting = config.preference.pairs_per_forward
     print(
         f"pairs_per_forward: {pairs}{' (auto)' if setting == 'auto' else ''}: each batch of {per_device} pair(s) runs "

@@ -48,7 +48,7 @@ from tunesmith.model.kernels import (
     load_with_unsloth,
 )
 from tunesmith.model.load import REWARD_HEAD, load_model, load_processor, load_tokenizer
-from tunesmith.model.precision import choose_precision, upcast_trainable_parameters
+from tunesmith.model.precision import choose_precision, detect_device, upcast_trainable_parameters
 from tunesmith.model.quantize import check_cpu_4bit_shapes, prepare_for_kbit_training, quantization_for
 from tunesmith.model.resolve import resolve_model
 from tunesmith.patches import apply_fsdp_on_cpu_processes
@@ -408,7 +408,7 @@ def choose_gradient_checkpointing(config: RunConfig, model_dir: str) -> bool | s
         return False  # FSDP checkpoints activations itself; Trainer refuses both
     from tunesmith.estimate.memory import auto_checkpointing
 
-    enabled, reason = auto_checkpointing(config, model_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    enabled, reason = auto_checkpointing(config, model_dir, detect_device().type)
     print(f"gradient checkpointing: {reason}")
     return enabled
 
